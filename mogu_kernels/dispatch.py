@@ -1,0 +1,99 @@
+"""Backend registry for ``mogu_linear``.
+
+A backend is a function with the signature of ``reference_mogu_linear`` plus a name, the
+device types it runs on and an availability probe. Backend modules register themselves
+at import (``register_backend``); ``resolve_backend`` picks one per call:
+
+1. an explicit ``backend=`` name, else the ``MOGU_BACKEND`` environment variable: that
+   backend or a ``RuntimeError`` saying why it cannot run here (never a silent swap);
+2. otherwise the first available backend of ``PREFERENCE[device type]``. Backends
+   skipped because they failed to load are reported once with a warning.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+# Fastest first. A name may be missing from the registry (its module failed to import).
+PREFERENCE: Dict[str, List[str]] = {
+    "cuda": ["triton", "cuda", "reference"],
+    "cpu": ["cpp", "reference"],
+}
+ENV_VAR = "MOGU_BACKEND"
+
+
+@dataclass
+class Backend:
+    name: str
+    fn: Callable
+    # device type -> bool; e.g. triton runs on CPU only under TRITON_INTERPRET=1.
+    supports_device: Callable[[torch.device], bool]
+    # () -> None if usable, else a one-line reason (e.g. "extension not built: ...").
+    unavailable_reason: Callable[[], Optional[str]] = lambda: None
+
+
+_REGISTRY: Dict[str, Backend] = {}
+_WARNED: set = set()
+
+
+def register_backend(backend: Backend) -> None:
+    """Add (or replace) a backend under ``backend.name``."""
+    _REGISTRY[backend.name] = backend
+
+
+def registered_backends() -> Dict[str, Backend]:
+    return dict(_REGISTRY)
+
+
+def available_backends(device: Optional[torch.device | str] = None) -> List[str]:
+    """Names of the backends that can run now (on ``device`` if given), fastest first."""
+    names = list(dict.fromkeys(n for order in PREFERENCE.values() for n in order)) + [
+        n for n in _REGISTRY if not any(n in order for order in PREFERENCE.values())]
+    out = []
+    for name in names:
+        b = _REGISTRY.get(name)
+        if b is None or b.unavailable_reason() is not None:
+            continue
+        if device is not None and not b.supports_device(torch.device(device)):
+            continue
+        out.append(name)
+    return out
+
+
+def _explicit(name: str, device: torch.device, source: str) -> Backend:
+    b = _REGISTRY.get(name)
+    if b is None:
+        raise ValueError(f"mogu_linear: unknown backend {name!r} (from {source}); "
+                         f"registered: {sorted(_REGISTRY)}")
+    reason = b.unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"mogu_linear: backend {name!r} (from {source}) is unavailable: {reason}")
+    if not b.supports_device(device):
+        raise RuntimeError(f"mogu_linear: backend {name!r} (from {source}) cannot run on {device.type} tensors")
+    return b
+
+
+def resolve_backend(device: torch.device | str, backend: Optional[str] = None) -> Backend:
+    """The backend that ``mogu_linear(..., backend=backend)`` uses for tensors on ``device``."""
+    device = torch.device(device)
+    if backend is not None:
+        return _explicit(backend, device, "backend=")
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _explicit(env, device, f"${ENV_VAR}")
+    for name in PREFERENCE.get(device.type, ["reference"]):
+        b = _REGISTRY.get(name)
+        if b is None or not b.supports_device(device):
+            continue
+        reason = b.unavailable_reason()
+        if reason is None:
+            return b
+        if name not in _WARNED:
+            _WARNED.add(name)
+            warnings.warn(f"mogu_linear: backend {name!r} is unavailable ({reason}); "
+                          f"falling back to the next one", RuntimeWarning, stacklevel=3)
+    return _REGISTRY["reference"]
