@@ -35,7 +35,7 @@ def mogu_linear(
         y = gates.sum(-1, keepdim=True) * (x @ weight.T + bias)
             + scaling * sum_e gates[..., e, None] * (x @ lora_A[e].T @ lora_B[e].T)   (..., N)
 
-    both in x's dtype; the gate math runs in fp32. Differentiable in x, lora_A, lora_B,
+    both in x's dtype; the gate math runs in fp32 (fp64 for fp64 x). Differentiable in x, lora_A, lora_B,
     router_weight and router_bias (weight and bias are treated as frozen).
 
     base_rows: optional bool tensor shaped x.shape[:-1]. A True row is computed as the

@@ -12,9 +12,15 @@ import torch
 import torch.nn.functional as F
 
 
+def gate_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the gate math: fp32, or fp64 for fp64 inputs (never below fp32)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def router_gates(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor) -> torch.Tensor:
-    """gates = sigmoid(x @ router_weight.T + router_bias), computed in fp32. (..., K) -> (..., E) fp32."""
-    logits = F.linear(x.float(), router_weight.float(), router_bias.float())
+    """gates = sigmoid(x @ router_weight.T + router_bias) in ``gate_dtype(x)``: (..., K) -> (..., E)."""
+    acc = gate_dtype(x)
+    logits = F.linear(x.to(acc), router_weight.to(acc), router_bias.to(acc))
     return torch.sigmoid(logits)
 
 
@@ -48,10 +54,11 @@ def reference_mogu_linear(
     if base_rows is not None:
         # A base row gets gate sum 1 and no expert delta: y = x W^T + b exactly.
         mix = torch.where(base_rows.unsqueeze(-1), torch.zeros_like(gates), gates)
-    scaled = (shrink.float().unflatten(-1, (E, r)) * (scaling * mix).unsqueeze(-1)).flatten(-2)
+    acc = gates.dtype
+    scaled = (shrink.to(acc).unflatten(-1, (E, r)) * (scaling * mix).unsqueeze(-1)).flatten(-2)
     delta = F.linear(scaled.to(x.dtype), stacked_lora_B(lora_B))               # (..., N)
     gate_sum = mix.sum(-1, keepdim=True)
     if base_rows is not None:
         gate_sum = torch.where(base_rows.unsqueeze(-1), torch.ones_like(gate_sum), gate_sum)
-    y = (gate_sum * base.float() + delta.float()).to(x.dtype)
+    y = (gate_sum * base.to(acc) + delta.to(acc)).to(x.dtype)
     return y, gates.to(x.dtype)

@@ -1,0 +1,209 @@
+"""``MoGULinear``: one projection with the unwill/glad LoRA experts and their routers.
+
+State layout (maps 1:1 onto the published release, see mogu/checkpoint.py):
+
+    weight, bias          the wrapped layer's own Parameters (shared, never copied), so
+                          the model's state-dict keys for them do not change
+    lora_A  (2, r, K)     [unwill, glad] LoRA A matrices (peft ``lora_A.weight`` per expert)
+    lora_B  (2, N, r)     [unwill, glad] LoRA B matrices (peft ``lora_B.weight``)
+    alpha_, beta_         RouterHead: linear_0 (h x K) -> linear_1 (K x h, bias) ->
+                          linear_2 (1 x K, bias); alpha_ gates unwill, beta_ gates glad
+    router_weight (2, K), router_bias (2,)
+                          only in the folded-only (deployment) state, where the heads
+                          are dropped; otherwise the folded vectors are a cache
+
+Modes: "mogu" (gated mixture), "base" (the wrapped layer's own forward, bitwise the
+unpatched computation), "unwill"/"glad" (W x + b + s B_e A_e x, that expert alone).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mogu_kernels import mogu_linear, router_gates
+from mogu_kernels.reference import stacked_lora_B
+
+from .config import EXPERTS, ROUTER_HEADS, MoGUConfig
+
+MODES = ("mogu", "base") + EXPERTS
+
+
+class RouterHead(nn.Module):
+    """The published router head: Linear(d, h, no bias) -> Linear(h, d) -> Linear(d, 1).
+
+    There is no activation in between, so the head is the affine map
+    logit = v . x + c with v = W2 W1 W0 (1 x d) and c = W2 b1 + b2, which ``folded``
+    returns. ``forward`` evaluates the unfolded chain (the published computation).
+    """
+
+    def __init__(self, in_features: int, hidden: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.linear_0 = nn.Linear(in_features, hidden, bias=False, **kw)
+        self.linear_1 = nn.Linear(hidden, in_features, bias=True, **kw)
+        self.linear_2 = nn.Linear(in_features, 1, bias=True, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., 1) router logit, unfolded."""
+        return self.linear_2(self.linear_1(self.linear_0(x)))
+
+    def folded(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(v (d,), c ()) in fp32 with logit = v . x + c; differentiable in the head's weights."""
+        w0, w1, b1 = self.linear_0.weight.float(), self.linear_1.weight.float(), self.linear_1.bias.float()
+        w2, b2 = self.linear_2.weight.float(), self.linear_2.bias.float()
+        w21 = w2 @ w1                                  # (1, h): multiply the thin side first
+        return (w21 @ w0).squeeze(0), (w2 @ b1 + b2).squeeze(0)
+
+
+class MoGULinear(nn.Module):
+    """A linear layer (``nn.Linear`` or a subclass such as ``FalconLinear``) with MoGU.
+
+    Input x (..., K) in the layer's dtype; output (..., N) in the same dtype. See the
+    module docstring for the state and the modes. Attributes set from outside:
+
+    mode: one of MODES.
+    base_rows: None or a bool tensor shaped x.shape[:-1]; True rows run as plain base
+        inside the same fused call (used by generation to batch MoGU and base rows).
+    gate_sink: None or a callable(gates (..., 2)) receiving every forward's gates
+        (used by ``mogu.capture_gates``).
+    """
+
+    def __init__(self, base_layer: nn.Module, config: MoGUConfig):
+        super().__init__()
+        weight = getattr(base_layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"MoGU can only wrap linear layers with a 2-D weight, got {type(base_layer).__name__}")
+        # Share, never copy, the base parameters; keep the original module (unregistered,
+        # so it adds no state-dict keys) for unpatching and for the bitwise base path.
+        self.weight = base_layer.weight
+        self.bias = getattr(base_layer, "bias", None)
+        object.__setattr__(self, "original_module", base_layer)
+        # The wrapped class's own forward, run with self's weight/bias: bitwise the
+        # unpatched computation even for classes that are not plain F.linear (Falcon).
+        self._base_forward: Callable = type(base_layer).forward
+        self.out_features, self.in_features = weight.shape
+        self.mode = "mogu"
+        self.base_rows: Optional[torch.Tensor] = None
+        self.gate_sink: Optional[Callable[[torch.Tensor], None]] = None
+        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.reset_experts(config.r, config.lora_alpha)
+        self.reset_routers(config.router_hidden)
+
+    # ----------------------------------------------------------------- state
+    def reset_experts(self, r: int, lora_alpha: float) -> None:
+        """(Re)create both experts at rank r: A kaiming-uniform, B zero (peft's init)."""
+        kw = dict(device=self.weight.device, dtype=self.weight.dtype)
+        self.r, self.lora_alpha = int(r), float(lora_alpha)
+        self.scaling = self.lora_alpha / self.r
+        lora_A = torch.empty(len(EXPERTS), self.r, self.in_features, **kw)
+        for e in range(len(EXPERTS)):
+            nn.init.kaiming_uniform_(lora_A[e], a=math.sqrt(5))
+        self.lora_A = nn.Parameter(lora_A)
+        self.lora_B = nn.Parameter(torch.zeros(len(EXPERTS), self.out_features, self.r, **kw))
+
+    def reset_routers(self, hidden: int) -> None:
+        """(Re)create the two unfolded router heads (drops a folded-only router)."""
+        for name in ("router_weight", "router_bias"):
+            if name in self._buffers:
+                del self._buffers[name]
+        kw = dict(device=self.weight.device, dtype=self.weight.dtype)
+        self.router_hidden = int(hidden)
+        self.alpha_ = RouterHead(self.in_features, self.router_hidden, **kw)
+        self.beta_ = RouterHead(self.in_features, self.router_hidden, **kw)
+        self._fold_cache = None
+
+    @property
+    def is_folded(self) -> bool:
+        """True when only the folded router vectors are held (deployment state)."""
+        return self.alpha_ is None
+
+    def set_folded_router(self, router_weight: torch.Tensor, router_bias: torch.Tensor) -> None:
+        """Drop the heads and keep only (router_weight (2, K), router_bias (2,)) in fp32."""
+        if tuple(router_weight.shape) != (len(EXPERTS), self.in_features) or tuple(router_bias.shape) != (len(EXPERTS),):
+            raise ValueError(f"folded router must be ({len(EXPERTS)}, {self.in_features}) and ({len(EXPERTS)},), "
+                             f"got {tuple(router_weight.shape)} and {tuple(router_bias.shape)}")
+        self.alpha_ = None
+        self.beta_ = None
+        self._fold_cache = None
+        self.register_buffer("router_weight", router_weight.detach().to(self.weight.device, torch.float32).clone())
+        self.register_buffer("router_bias", router_bias.detach().to(self.weight.device, torch.float32).clone())
+
+    def fold(self) -> None:
+        """Replace the router heads by their exact folded vectors (frees ~2 h K params)."""
+        if not self.is_folded:
+            with torch.no_grad():
+                w, b = self.router_vectors()
+            self.set_folded_router(w, b)
+
+    def router_vectors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(router_weight (2, K), router_bias (2,)) fp32, rows [unwill (alpha_), glad (beta_)].
+
+        Folded-only: the stored buffers. Otherwise folded from the heads: recomputed with
+        autograd when the heads may receive gradients, else cached and refreshed whenever
+        a head parameter is replaced or modified in place (tracked by tensor versions).
+        """
+        if self.is_folded:
+            return self.router_weight, self.router_bias
+        params = [p for head in (self.alpha_, self.beta_) for p in head.parameters()]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._fold_heads()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._fold_cache is None or self._fold_cache[0] != key:
+            with torch.no_grad():
+                self._fold_cache = (key, self._fold_heads())
+        return self._fold_cache[1]
+
+    def _fold_heads(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        (v_u, c_u), (v_g, c_g) = self.alpha_.folded(), self.beta_.folded()
+        return torch.stack([v_u, v_g]), torch.stack([c_u, c_g])
+
+    # --------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.mode
+        if mode == "base":
+            return self._base_forward(self, x)
+        lora_A, lora_B = self.lora_A, self.lora_B
+        if lora_A.dtype != x.dtype:      # e.g. experts kept in fp32 under a bf16 model
+            lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        if mode != "mogu":
+            e = EXPERTS.index(mode)
+            delta = F.linear(F.linear(self.lora_dropout(x), lora_A[e]), lora_B[e])
+            return self._base_forward(self, x) + self.scaling * delta
+        router_weight, router_bias = self.router_vectors()
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):
+            y, gates = self._forward_with_dropout(x, lora_A, lora_B, router_weight, router_bias)
+        else:
+            y, gates = mogu_linear(x, self.weight, self.bias, lora_A, lora_B, router_weight, router_bias,
+                                   self.scaling, base_rows=self.base_rows)
+        if self.gate_sink is not None:
+            self.gate_sink(gates)
+        return y
+
+    def _forward_with_dropout(self, x, lora_A, lora_B, router_weight, router_bias):
+        """Training with LoRA dropout: the experts see dropout(x), the base and routers x.
+
+        Dropout breaks the "one shared x" premise of the fused op, so this path is unfused
+        (same math as the reference backend). Set lora_dropout=0 to train through the op.
+        """
+        gates = router_gates(x, router_weight, router_bias)                  # (..., 2) fp32
+        mix = gates
+        if self.base_rows is not None:
+            mix = gates.masked_fill(self.base_rows.unsqueeze(-1), 0.0)
+        E, r = lora_A.shape[0], lora_A.shape[1]
+        shrink = F.linear(self.lora_dropout(x), lora_A.reshape(E * r, -1)).to(gates.dtype)
+        scaled = (shrink.unflatten(-1, (E, r)) * (self.scaling * mix).unsqueeze(-1)).flatten(-2)
+        delta = F.linear(scaled.to(x.dtype), stacked_lora_B(lora_B))
+        gate_sum = mix.sum(-1, keepdim=True)
+        if self.base_rows is not None:
+            gate_sum = gate_sum.masked_fill(self.base_rows.unsqueeze(-1), 1.0)
+        y = gate_sum * self._base_forward(self, x).to(gates.dtype) + delta.to(gates.dtype)
+        return y.to(x.dtype), gates.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha:g}, router={'folded' if self.is_folded else self.router_hidden}, "
+                f"mode={self.mode!r}")

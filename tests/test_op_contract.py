@@ -1,0 +1,136 @@
+"""mogu_linear's contract, checked for every backend available on the CPU.
+
+The reference backend always runs; "cpp" runs when the extension is built, "triton" when
+TRITON_INTERPRET=1 (conftest sets it when there is no GPU). Backend-specific suites
+(tests/test_triton_backend.py, tests/test_extension.py) go deeper.
+"""
+import pytest
+import torch
+
+import mogu_kernels
+from op_spec import TOL, make_inputs, rel_err, spec_mogu_linear
+
+CPU_BACKENDS = mogu_kernels.available_backends("cpu")
+
+
+def test_reference_is_always_available():
+    assert "reference" in CPU_BACKENDS
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("M,K,N,r,E,bias,three_d", [
+    (1, 40, 24, 4, 2, True, False),
+    (5, 33, 47, 8, 2, False, False),
+    (9, 40, 36, 64, 2, True, True),
+    (6, 20, 17, 4, 3, True, False),
+    (4, 24, 20, 1, 1, False, True),
+])
+def test_forward_matches_float64_spec(backend, M, K, N, r, E, bias, three_d):
+    args = make_inputs(M, K, N, r, E, bias=bias, three_d=three_d, seed=M * 100 + K)
+    y, gates = mogu_kernels.mogu_linear(*args, 1.75, backend=backend)
+    y_ref, g_ref = spec_mogu_linear(*args, 1.75)
+    assert y.shape == y_ref.shape and y.dtype == args[0].dtype
+    assert gates.shape == (*args[0].shape[:-1], E)
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+    assert rel_err(gates, g_ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_half_precision_forward(backend):
+    args = make_inputs(7, 40, 36, 8, dtype=torch.float16, seed=3)
+    y, gates = mogu_kernels.mogu_linear(*args, 2.0, backend=backend)
+    y_ref, g_ref = spec_mogu_linear(*args, 2.0)
+    assert y.dtype == torch.float16 and gates.dtype == torch.float16
+    assert rel_err(y, y_ref) < TOL[torch.float16]
+    assert rel_err(gates, g_ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_x(backend):
+    x, *rest = make_inputs(6, 40, 24, 4, seed=5)
+    wide = torch.randn(6, 80)
+    x_nc = wide[:, ::2]                     # stride 2 in K
+    assert not x_nc.is_contiguous()
+    y, _ = mogu_kernels.mogu_linear(x_nc, *rest, 2.0, backend=backend)
+    y_ref, _ = spec_mogu_linear(x_nc, *rest, 2.0)
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_base_rows_run_as_plain_base(backend):
+    args = make_inputs(8, 40, 24, 4, seed=7, three_d=True)
+    base_rows = torch.tensor([[True, False, False, True], [False, True, False, False]])
+    y, gates = mogu_kernels.mogu_linear(*args, 2.0, backend=backend, base_rows=base_rows)
+    y_ref, g_ref = spec_mogu_linear(*args, 2.0, base_rows=base_rows)
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+    assert rel_err(gates, g_ref) < TOL[torch.float32]       # gates still reported for base rows
+    x, w, b = args[0], args[1], args[2]
+    plain = torch.nn.functional.linear(x, w, b)
+    assert rel_err(y[base_rows], plain[base_rows]) < TOL[torch.float32]
+    assert rel_err(y[~base_rows], plain[~base_rows]) > 1e-2  # MoGU rows really differ
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_match_float64_autograd(backend, bias):
+    x, w, b, A, B, rw, rb = make_inputs(5, 24, 20, 4, E=2, bias=bias, seed=11, three_d=True)
+    leaves = [t.clone().requires_grad_(True) for t in (x, A, B, rw, rb)]
+    y, gates = mogu_kernels.mogu_linear(leaves[0], w, b, leaves[1], leaves[2], leaves[3], leaves[4], 1.5,
+                                        backend=backend)
+    gy = torch.randn_like(y)
+    gg = torch.randn_like(gates)
+    torch.autograd.backward([y, gates], [gy, gg])
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (x, A, B, rw, rb)]
+    y64, g64 = spec_mogu_linear(leaves64[0], w.double(), None if b is None else b.double(), *leaves64[1:], 1.5)
+    torch.autograd.backward([y64, g64], [gy.double(), gg.double()])
+    for name, got, ref in zip(("x", "lora_A", "lora_B", "router_weight", "router_bias"), leaves, leaves64):
+        assert got.grad is not None, name
+        assert rel_err(got.grad, ref.grad) < 1e-4, name
+
+
+def test_reference_matches_spec_in_float64():
+    args = [t.double() if t is not None else None for t in make_inputs(13, 40, 36, 64, seed=2)]
+    y, gates = mogu_kernels.mogu_linear(*args, 2.0, backend="reference")
+    y_ref, g_ref = spec_mogu_linear(*args, 2.0)
+    assert rel_err(y, y_ref) < 1e-12 and rel_err(gates, g_ref) < 1e-12
+
+
+# ------------------------------------------------------------- bad input
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda a: a.__setitem__(1, a[1][:, :-1]), "weight"),
+    (lambda a: a.__setitem__(2, a[2][:-1]), "bias"),
+    (lambda a: a.__setitem__(3, a[3][:, :, :-1]), "lora_A"),
+    (lambda a: a.__setitem__(4, a[4][:, :-1]), "lora_B"),
+    (lambda a: a.__setitem__(5, a[5][:1]), "router_weight"),
+    (lambda a: a.__setitem__(6, a[6][:1]), "router_bias"),
+    (lambda a: a.__setitem__(1, a[1].double()), "weight"),
+    (lambda a: a.__setitem__(3, a[3].half()), "lora_A"),
+    (lambda a: a.__setitem__(0, a[0].long()), "x"),
+    (lambda a: a.__setitem__(6, a[6].to("meta")), "router_bias"),
+])
+def test_bad_arguments_name_the_argument(mutate, needle):
+    args = list(make_inputs(3, 16, 12, 4))
+    mutate(args)
+    with pytest.raises(ValueError, match=needle):
+        mogu_kernels.mogu_linear(*args, 2.0)
+
+
+def test_bad_base_rows_and_backend():
+    args = make_inputs(3, 16, 12, 4)
+    with pytest.raises(ValueError, match="base_rows"):
+        mogu_kernels.mogu_linear(*args, 2.0, base_rows=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="unknown backend"):
+        mogu_kernels.mogu_linear(*args, 2.0, backend="nope")
+
+
+def test_env_var_selects_backend(monkeypatch):
+    calls = []
+    original = mogu_kernels.dispatch._REGISTRY["reference"].fn
+    monkeypatch.setitem(mogu_kernels.dispatch._REGISTRY, "reference", mogu_kernels.Backend(
+        "reference", lambda *a: calls.append(1) or original(*a), lambda d: True))
+    monkeypatch.setenv("MOGU_BACKEND", "reference")
+    mogu_kernels.mogu_linear(*make_inputs(3, 16, 12, 4), 2.0)
+    assert calls == [1]
+    monkeypatch.setenv("MOGU_BACKEND", "does-not-exist")
+    with pytest.raises(ValueError, match="MOGU_BACKEND"):
+        mogu_kernels.mogu_linear(*make_inputs(3, 16, 12, 4), 2.0)
