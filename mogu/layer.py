@@ -92,6 +92,7 @@ class MoGULinear(nn.Module):
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.reset_experts(config.r, config.lora_alpha)
         self.reset_routers(config.router_hidden)
+        self.train(base_layer.training)          # a patched eval model stays in eval mode
 
     # ----------------------------------------------------------------- state
     def reset_experts(self, r: int, lora_alpha: float) -> None:
@@ -114,6 +115,8 @@ class MoGULinear(nn.Module):
         self.router_hidden = int(hidden)
         self.alpha_ = RouterHead(self.in_features, self.router_hidden, **kw)
         self.beta_ = RouterHead(self.in_features, self.router_hidden, **kw)
+        self.alpha_.train(self.training)
+        self.beta_.train(self.training)
         self._fold_cache = None
 
     @property

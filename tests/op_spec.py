@@ -36,7 +36,7 @@ def make_inputs(M, K, N, r, E=2, bias=True, dtype=torch.float32, three_d=False, 
 
 
 def rel_err(a, b) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 

@@ -122,5 +122,5 @@ def published_reference_hooks(model, rel: Dict, gates_out: Dict = None):
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
