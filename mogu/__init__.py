@@ -6,7 +6,7 @@
     with mogu.mode(model, "base"): ...           # or "mogu" (default), "glad", "unwill"
     with mogu.capture_gates(model) as gates: ... # module name -> (..., 2) [unwill, glad]
 """
-from .checkpoint import export_peft, from_pretrained, load_official, save_pretrained
+from .checkpoint import export_peft, from_pretrained, load, load_official, save_pretrained
 from .config import EXPERTS, FAMILY_TARGETS, MoGUConfig
 from .layer import MODES, MoGULinear, RouterHead
 from .patching import (capture_gates, fold_routers, get_mode, is_patched, mode, patch_model,
@@ -16,5 +16,5 @@ __all__ = [
     "MoGUConfig", "MoGULinear", "RouterHead", "EXPERTS", "FAMILY_TARGETS", "MODES",
     "patch_model", "unpatch", "is_patched", "patched_modules", "set_mode", "get_mode", "mode",
     "capture_gates", "fold_routers",
-    "load_official", "save_pretrained", "from_pretrained", "export_peft",
+    "load", "load_official", "save_pretrained", "from_pretrained", "export_peft",
 ]

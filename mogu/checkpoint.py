@@ -386,3 +386,32 @@ def export_peft(model: nn.Module, directory, expert: str) -> None:
     _atomic_write(os.path.join(directory, "adapter_model.safetensors"),
                   lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     lora_config.save_pretrained(directory)
+
+
+# ------------------------------------------------------------- any folder
+def _latest(folder: str, suffix: str) -> str:
+    """The entry of ``folder`` named '<step><suffix>' with the largest step."""
+    entries = [e for e in os.listdir(folder) if e.endswith(suffix) and e[: -len(suffix)].isdigit()]
+    if not entries:
+        raise FileNotFoundError(f"mogu: no '<step>{suffix}' entry in {folder}")
+    return os.path.join(folder, max(entries, key=lambda e: int(e[: -len(suffix)])))
+
+
+def load(model: nn.Module, path, config: Optional[MoGUConfig] = None) -> nn.Module:
+    """Load MoGU parameters from ``path`` in whichever format it holds; returns the model.
+
+    * own format: a folder with ``mogu_config.json`` (``save_pretrained``);
+    * published release root: ``resp_glad/<step>_lora/``, ``resp_unwill/<step>_lora/``
+      and ``router_layer/<step>_router.pth`` (the largest step of each is taken).
+    """
+    path = _require_path(path, "MoGU folder")
+    if os.path.exists(os.path.join(path, OWN_CONFIG)):
+        return from_pretrained(model, path)
+    parts = {d: os.path.join(path, d) for d in ("resp_glad", "resp_unwill", "router_layer")}
+    missing = [p for p in parts.values() if not os.path.isdir(p)]
+    if missing:
+        raise FileNotFoundError(f"mogu: {path} holds neither {OWN_CONFIG} nor a published release "
+                                f"(missing {', '.join(missing)})")
+    return load_official(model, glad=_latest(parts["resp_glad"], "_lora"),
+                         unwill=_latest(parts["resp_unwill"], "_lora"),
+                         router=_latest(parts["router_layer"], "_router.pth"), config=config)

@@ -219,3 +219,16 @@ def test_untrusted_pickle_is_refused(tmp_path):
     with pytest.raises(ValueError, match="weights-only"):
         mogu.load_official(base, **paths)
     assert not mogu.is_patched(base)
+
+
+def test_load_detects_the_format(released, tmp_path):
+    base, model, paths = released
+    root = str(tmp_path / "release")                 # resp_glad/100_lora, resp_unwill/100_lora, router_layer/
+    from_release = mogu.load(copy.deepcopy(base), root)
+    mogu.save_pretrained(model, tmp_path / "own", folded=True)
+    from_own = mogu.load(copy.deepcopy(base), tmp_path / "own")
+    expected = _logits(model, _ids())
+    assert rel_err(_logits(from_release, _ids()), expected) < 1e-5
+    assert rel_err(_logits(from_own, _ids()), expected) < 1e-5
+    with pytest.raises(FileNotFoundError, match="router_layer"):
+        mogu.load(copy.deepcopy(base), tmp_path)
