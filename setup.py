@@ -106,7 +106,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mogu_kernels", "mogu_kernels.*", "mogu", "mogu.*"]),
-    package_data={"mogu": ["data/*.json"]},
+    package_data={"mogu": ["samples/*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
