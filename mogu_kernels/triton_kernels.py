@@ -1,0 +1,290 @@
+"""Triton kernels of the ``triton`` backend (launchers, autotuning and autograd live in
+:mod:`mogu_kernels.triton_backend`).
+
+Notation (see DESIGN.md section 2): x (M, K) rows, W (N, K), E experts of rank R,
+``S = [A_0; ...; A_{E-1}]`` the stacked shrink ((E*R) x K, stacked column c = e*R + j is row
+j of expert e), ``[B_0 | ... | B_{E-1}]`` the stacked expand (N x E*R), router vectors
+v (E, K) and biases c (E,)::
+
+    g   = sigmoid(x v^T + c)                      fp32, (M, E)
+    mix = g, or 0 on a base row                   (M, E)
+    gs  = sum_e mix, or 1 on a base row           (M,)
+    y   = gs * (x W^T + b) + [z * s * mix[c // R]] @ [B_0 | ... ]^T,   z = x S^T  (M, E*R)
+
+Every kernel also writes ``saved`` (M, E*R + E) fp32: columns [0, E*R) hold the unscaled
+shrink z, columns [E*R, E*R + E) the fp32 gates g. Backward needs exactly that per token
+(besides x), and the split path's GEMM reads its epilogue operands from it.
+
+Three kernels:
+
+* ``mogu_fused_kernel``: decode and small batches; ONE launch. Each program owns one
+  (BLOCK_M x BLOCK_N) output tile; in one K loop it reads an x tile once and feeds three
+  products from it: the base tile x W^T, the stacked shrink x S^T and the router logits
+  x v^T (fp32). Gates, rank-space scaling, the one expand and the gate-sum row scale are
+  the epilogue. The shrink is recomputed by every N tile (extra work R/BLOCK_N of the
+  base FLOPs, on tensor cores that idle at decode); the pid_n == 0 programs write gates
+  and ``saved``.
+* ``mogu_shrink_router_kernel`` + ``mogu_gemm_expand_kernel``: the split path for large
+  M, where the recomputed shrink would cost real tensor-core time: a small launch
+  computes z and g once per row, then a grouped GEMM applies gates/expand in its
+  epilogue, reading z and g from ``saved``.
+
+Shared conventions: accumulation in fp32; the router logits are an fp32 broadcast-reduce
+(exact fp32 whatever x's dtype, no padding of E to a 16-wide dot); ``INPUT_PRECISION``
+is "ieee" for exact fp32 GEMMs ("tf32" when torch allows TF32, and for 16-bit inputs where
+it is Triton's no-op default); ``UPCAST_DOT`` converts dot operands to fp32 and exists
+only because the Triton interpreter's bf16 ``tl.dot`` multiplies raw bits (the launcher
+sets it only when interpreting bf16). Any K, N, R, E: every load is masked.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# The row count changes from call to call (tokens in flight); specializing on it (M == 1,
+# M % 16 == 0) would only multiply compiles and autotuning runs. N, K and the strides are
+# fixed per layer and stay specialized (alignment enables vectorized, pipelined loads).
+_ROW_COUNT_ARGS = ["M", "M_KEY"]
+
+
+@triton.jit
+def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b with fp32 accumulation."""
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _base_row_flags(base_ptr, offs_m, m_mask, HAS_BASE_ROWS: tl.constexpr):
+    """(BLOCK_M,) bool: True where the row must run as the plain base layer."""
+    if HAS_BASE_ROWS:
+        flags = tl.load(base_ptr + offs_m, mask=m_mask, other=0) != 0
+    else:
+        flags = offs_m < 0
+    return flags
+
+
+@triton.jit
+def _mix_and_gate_sum(gates, is_base, e_valid):
+    """mix (BLOCK_M, BLOCK_E): gates, zeroed on base rows and padding columns;
+    gate_sum (BLOCK_M,): sum of mix, or exactly 1 on base rows."""
+    mix = tl.where(e_valid[None, :], gates, 0.0)
+    mix = tl.where(is_base[:, None], 0.0, mix)
+    gate_sum = tl.where(is_base, 1.0, tl.sum(mix, axis=1))
+    return mix, gate_sum
+
+
+@triton.jit
+def _router_logits_step(logits, x_tile, rw_ptr, offs_e, e_valid, offs_k, k_mask, stride_rwe, stride_rwk):
+    """logits (BLOCK_M, BLOCK_E) += x_tile (BLOCK_M, BLOCK_K) . v^T, exactly in fp32."""
+    v = tl.load(rw_ptr + offs_e[:, None] * stride_rwe + offs_k[None, :] * stride_rwk,
+                mask=e_valid[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+    return logits + tl.sum(x_tile.to(tl.float32)[:, None, :] * v[None, :, :], axis=2)
+
+
+@triton.jit
+def _shrink_tile_ptrs(a_ptr, offs_c, offs_k, stride_ae, stride_ar, stride_ak, R: tl.constexpr):
+    """Pointers of the (BLOCK_K, BLOCK_R) tile of S^T: stacked column c = e*R + j is A[e, j, :]."""
+    return a_ptr + ((offs_c // R) * stride_ae + (offs_c % R) * stride_ar)[None, :] + offs_k[:, None] * stride_ak
+
+
+@triton.jit
+def _expand_tile_ptrs(b_ptr, offs_c, offs_n, stride_be, stride_bn, stride_br, R: tl.constexpr):
+    """Pointers of the (BLOCK_C, BLOCK_N) tile of [B_0 | ...]^T: row c = e*R + j is B[e, :, j]."""
+    return b_ptr + ((offs_c // R) * stride_be + (offs_c % R) * stride_br)[:, None] + offs_n[None, :] * stride_bn
+
+
+@triton.jit
+def _store_gates_and_saved(gates, shrink, gates_ptr, saved_ptr, offs_m, m_mask, offs_e, e_valid, offs_c,
+                           stride_gm, stride_ge, stride_sm, ER: tl.constexpr):
+    """gates out (x dtype) and saved = [z (fp32) | gates (fp32)] for the rows of this tile."""
+    ge_mask = m_mask[:, None] & e_valid[None, :]
+    tl.store(gates_ptr + offs_m[:, None] * stride_gm + offs_e[None, :] * stride_ge,
+             gates.to(gates_ptr.dtype.element_ty), mask=ge_mask)
+    tl.store(saved_ptr + offs_m[:, None] * stride_sm + ER + offs_e[None, :], gates, mask=ge_mask)
+    tl.store(saved_ptr + offs_m[:, None] * stride_sm + offs_c[None, :], shrink,
+             mask=m_mask[:, None] & (offs_c < ER)[None, :])
+
+
+@triton.jit(do_not_specialize=_ROW_COUNT_ARGS)
+def mogu_fused_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, rw_ptr, rb_ptr, base_ptr,
+    y_ptr, gates_ptr, saved_ptr,
+    M, N, K, M_KEY, scaling,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_ae, stride_ar, stride_ak, stride_be, stride_bn, stride_br,
+    stride_rwe, stride_rwk, stride_rb,
+    stride_ym, stride_yn, stride_gm, stride_ge, stride_sm,
+    E: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BASE_ROWS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One launch: grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)). M_KEY only keys the autotuner.
+
+    BLOCK_R = next_pow2(max(E*R, 16)), BLOCK_E = next_pow2(max(E, 2)).
+    """
+    ER: tl.constexpr = E * R
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_R)
+    offs_e = tl.arange(0, BLOCK_E)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    c_valid = offs_c < ER
+    e_valid = offs_e < E
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)        # x W^T
+    shrink = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)     # x S^T
+    logits = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)     # x v^T
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w_tile = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                         mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = _mma(x_tile, w_tile, acc, INPUT_PRECISION, UPCAST_DOT)
+        a_tile = tl.load(_shrink_tile_ptrs(a_ptr, offs_c, offs_k, stride_ae, stride_ar, stride_ak, R),
+                         mask=c_valid[None, :] & k_mask[:, None], other=0.0)
+        shrink = _mma(x_tile, a_tile, shrink, INPUT_PRECISION, UPCAST_DOT)
+        logits = _router_logits_step(logits, x_tile, rw_ptr, offs_e, e_valid, offs_k, k_mask, stride_rwe, stride_rwk)
+
+    # Gates in fp32.
+    rb = tl.load(rb_ptr + offs_e * stride_rb, mask=e_valid, other=0.0).to(tl.float32)
+    gates = tl.sigmoid(logits + rb[None, :])
+    is_base = _base_row_flags(base_ptr, offs_m, m_mask, HAS_BASE_ROWS)
+    mix, gate_sum = _mix_and_gate_sum(gates, is_base, e_valid)
+
+    # Base part: gs * (x W^T + b).
+    acc = acc * gate_sum[:, None]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += gate_sum[:, None] * bias[None, :]
+
+    # Rank-space gating: column c of the shrink belongs to expert c // R.
+    col_scale = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for e in tl.static_range(E):
+        mix_e = tl.sum(tl.where(offs_e[None, :] == e, mix, 0.0), axis=1)
+        col_scale += tl.where((offs_c // R == e)[None, :], mix_e[:, None], 0.0)
+    scaled = (shrink * col_scale * scaling).to(b_ptr.dtype.element_ty)
+    # ONE expand with [B_0 | ... | B_{E-1}] adds every expert's delta.
+    b_tile = tl.load(_expand_tile_ptrs(b_ptr, offs_c, offs_n, stride_be, stride_bn, stride_br, R),
+                     mask=c_valid[:, None] & n_mask[None, :], other=0.0)
+    acc = _mma(scaled, b_tile, acc, INPUT_PRECISION, UPCAST_DOT)
+
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if pid_n == 0:  # gates and saved are per row: written once, by the first column of tiles
+        _store_gates_and_saved(gates, shrink, gates_ptr, saved_ptr, offs_m, m_mask, offs_e, e_valid, offs_c,
+                               stride_gm, stride_ge, stride_sm, ER)
+
+
+@triton.jit(do_not_specialize=_ROW_COUNT_ARGS)
+def mogu_shrink_router_kernel(
+    x_ptr, a_ptr, rw_ptr, rb_ptr, gates_ptr, saved_ptr,
+    M, K, M_KEY,
+    stride_xm, stride_xk, stride_ae, stride_ar, stride_ak,
+    stride_rwe, stride_rwk, stride_rb, stride_gm, stride_ge, stride_sm,
+    E: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Split path, step 1: grid (cdiv(M, BLOCK_M),). Writes gates (x dtype) and saved."""
+    ER: tl.constexpr = E * R
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_R)
+    offs_e = tl.arange(0, BLOCK_E)
+    m_mask = offs_m < M
+    c_valid = offs_c < ER
+    e_valid = offs_e < E
+
+    shrink = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    logits = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        a_tile = tl.load(_shrink_tile_ptrs(a_ptr, offs_c, offs_k, stride_ae, stride_ar, stride_ak, R),
+                         mask=c_valid[None, :] & k_mask[:, None], other=0.0)
+        shrink = _mma(x_tile, a_tile, shrink, INPUT_PRECISION, UPCAST_DOT)
+        logits = _router_logits_step(logits, x_tile, rw_ptr, offs_e, e_valid, offs_k, k_mask, stride_rwe, stride_rwk)
+
+    rb = tl.load(rb_ptr + offs_e * stride_rb, mask=e_valid, other=0.0).to(tl.float32)
+    gates = tl.sigmoid(logits + rb[None, :])
+    _store_gates_and_saved(gates, shrink, gates_ptr, saved_ptr, offs_m, m_mask, offs_e, e_valid, offs_c,
+                           stride_gm, stride_ge, stride_sm, ER)
+
+
+@triton.jit(do_not_specialize=_ROW_COUNT_ARGS)
+def mogu_gemm_expand_kernel(
+    x_ptr, w_ptr, bias_ptr, b_ptr, base_ptr, saved_ptr, y_ptr,
+    M, N, K, M_KEY, scaling,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_be, stride_bn, stride_br, stride_sm, stride_ym, stride_yn,
+    E: tl.constexpr, R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BASE_ROWS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Split path, step 2: grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), grouped by GROUP_M
+    rows of tiles for L2 reuse of W. The epilogue reads z and the gates from ``saved`` and
+    expands in chunks of BLOCK_C stacked columns (bounded registers for any E*R)."""
+    ER: tl.constexpr = E * R
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    e_valid = offs_e < E
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w_tile = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                         mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = _mma(x_tile, w_tile, acc, INPUT_PRECISION, UPCAST_DOT)
+
+    saved_rows = saved_ptr + offs_m[:, None] * stride_sm
+    gates = tl.load(saved_rows + ER + offs_e[None, :], mask=m_mask[:, None] & e_valid[None, :], other=0.0)
+    is_base = _base_row_flags(base_ptr, offs_m, m_mask, HAS_BASE_ROWS)
+    _, gate_sum = _mix_and_gate_sum(gates, is_base, e_valid)
+    acc = acc * gate_sum[:, None]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += gate_sum[:, None] * bias[None, :]
+
+    for c0 in range(0, ER, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_valid = offs_c < ER
+        zc_mask = m_mask[:, None] & c_valid[None, :]
+        z = tl.load(saved_rows + offs_c[None, :], mask=zc_mask, other=0.0)
+        g = tl.load(saved_rows + ER + (offs_c // R)[None, :], mask=zc_mask, other=0.0)   # gate of column c
+        if HAS_BASE_ROWS:
+            g = tl.where(is_base[:, None], 0.0, g)
+        scaled = (z * g * scaling).to(b_ptr.dtype.element_ty)
+        b_tile = tl.load(_expand_tile_ptrs(b_ptr, offs_c, offs_n, stride_be, stride_bn, stride_br, R),
+                         mask=c_valid[:, None] & n_mask[None, :], other=0.0)
+        acc = _mma(scaled, b_tile, acc, INPUT_PRECISION, UPCAST_DOT)
+
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])

@@ -1,0 +1,450 @@
+"""The ``triton`` backend in depth: forward, base rows, backward, registration, proof it runs.
+
+Without CUDA these run the kernels in the Triton interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1 before mogu_kernels is imported); with CUDA the same tests run the
+compiled kernels on the GPU, plus the ``gpu``-marked ones.
+
+bf16: the interpreter's bf16 ``tl.dot`` in triton 3.9 multiplies raw bits, so the backend
+upcasts dot operands to fp32 when it *interprets* bf16 (``UPCAST_DOT``). The CPU tests
+below therefore exercise bf16 loads, conversions and stores, but not the bf16 tensor-core
+dot itself; that is covered by the ``gpu``-marked bf16 tests.
+
+Reference: ``_float64_mogu`` below, an independent float64 statement of the formula (one
+expert at a time, no rank-space trick); relative error by norm; fixed seeds, non-zero inputs.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+import mogu_kernels  # noqa: E402
+from mogu_kernels import triton_backend  # noqa: E402  (must import whenever triton does)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    "triton" not in mogu_kernels.available_backends(DEVICE),
+    reason="triton backend cannot run here (no CUDA and TRITON_INTERPRET was not set at import)")
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+GRAD_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+SCALING = 1.75
+
+
+@pytest.fixture(autouse=True)
+def _no_autotune(monkeypatch):
+    """On a GPU, odd test shapes run each list's first fitting config instead of autotuning
+    every new shape (minutes of compiles); test_gpu_autotuned_shapes turns autotuning back
+    on. (The interpreter always uses its one fixed config.)"""
+    monkeypatch.setenv(triton_backend.AUTOTUNE_ENV, "0")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _float64_mogu(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows=None):
+    """y and gates in float64, written straight from DESIGN.md section 2."""
+    x = x.double()
+    gates = torch.sigmoid(torch.einsum("...k,ek->...e", x, router_weight.double()) + router_bias.double())
+    base = torch.einsum("...k,nk->...n", x, weight.double())
+    if bias is not None:
+        base = base + bias.double()
+    deltas = 0
+    for e in range(lora_A.shape[0]):
+        h = torch.einsum("...k,rk->...r", x, lora_A[e].double())
+        deltas = deltas + gates[..., e:e + 1] * torch.einsum("...r,nr->...n", h, lora_B[e].double())
+    y = gates.sum(-1, keepdim=True) * base + scaling * deltas
+    if base_rows is not None:
+        y = torch.where(base_rows.unsqueeze(-1), base, y)
+    return y, gates
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+def _inputs(M, K, N, r, E, bias=True, dtype=torch.float32, layout="2d", seed=0, router_dtype=torch.float32):
+    """Random non-zero inputs on DEVICE. layout: "2d"; "3d" (2, ceil(M/2), K); "noncontig"
+    (x has K-stride 2); "3d_transposed" ((M/2, 2, K) transposed view whose rows cannot be
+    flattened without a copy)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * scale).to(device=DEVICE, dtype=dt)
+
+    if layout == "2d":
+        x = rnd(M, K)
+    elif layout == "3d":
+        x = rnd(2, (M + 1) // 2, K)
+    elif layout == "noncontig":
+        x = rnd(M, 2 * K)[:, ::2]
+    elif layout == "3d_transposed":
+        x = rnd((M + 1) // 2, 2, K).transpose(0, 1)
+    else:
+        raise ValueError(layout)
+    return (x, rnd(N, K, scale=K ** -0.5), rnd(N, scale=0.5) if bias else None,
+            rnd(E, r, K, scale=K ** -0.5), rnd(E, N, r, scale=r ** -0.5),
+            rnd(E, K, scale=K ** -0.5, dt=router_dtype), rnd(E, scale=0.5, dt=router_dtype))
+
+
+def _some_base_rows(x, seed=0):
+    """A mask with both kinds of rows."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(x.shape[:-1], generator=g) < 0.4
+    mask.view(-1)[0], mask.view(-1)[-1] = True, False
+    return mask.to(x.device)
+
+
+# ----------------------------------------------------------------------------- forward
+# Every M in {1, 3, 37, 130}, r in {1, 4, 8, 64}, E in {1, 2, 3}, bias on/off and every x
+# layout appears; K and N are never multiples of the block sizes (16/32/64...).
+FORWARD_CASES = [
+    # M,  K,   N,  r, E, bias,  layout
+    (1, 100, 72, 8, 2, True, "2d"),
+    (1, 40, 24, 1, 1, False, "3d"),
+    (3, 70, 50, 4, 3, True, "noncontig"),
+    (3, 33, 47, 64, 2, False, "3d_transposed"),
+    (37, 70, 50, 8, 2, False, "3d"),
+    (37, 100, 40, 1, 3, True, "2d"),
+    (37, 33, 72, 64, 1, True, "noncontig"),
+    (130, 100, 72, 8, 2, True, "3d_transposed"),
+    (130, 70, 50, 4, 1, False, "noncontig"),
+    (130, 40, 36, 64, 3, True, "2d"),
+    (5, 40, 30, 128, 3, True, "2d"),        # largest rank: E*r = 384 stacked columns
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("M,K,N,r,E,bias,layout", FORWARD_CASES)
+def test_forward_matches_float64(M, K, N, r, E, bias, layout, path, dtype):
+    args = _inputs(M, K, N, r, E, bias, dtype, layout, seed=M * 1000 + K + r)
+    if layout in ("noncontig", "3d_transposed"):
+        assert not args[0].is_contiguous()
+    y, gates = triton_backend.triton_mogu_linear(*args, SCALING, path=path)
+    y_ref, g_ref = _float64_mogu(*args, SCALING)
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    assert gates.shape == (*args[0].shape[:-1], E) and gates.dtype == dtype
+    assert _rel(y, y_ref) < TOL[dtype]
+    assert _rel(gates, g_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("M", [1, 37, 130])
+def test_public_op_auto_path(M):
+    """mogu_linear(backend="triton") with path chosen by M; fp16 x with an fp32 router."""
+    args = _inputs(M, 70, 50, 8, 2, True, torch.float16, "3d", seed=M)
+    y, gates = mogu_kernels.mogu_linear(*args, SCALING, backend="triton")
+    y_ref, g_ref = _float64_mogu(*args, SCALING)
+    assert _rel(y, y_ref) < TOL[torch.float16] and _rel(gates, g_ref) < TOL[torch.float16]
+
+
+def test_bf16_forward_interpreted_or_compiled():
+    """bf16 through the backend (on CPU: interpreter with upcast dots, see module doc)."""
+    args = _inputs(37, 70, 50, 8, 2, True, torch.bfloat16, "2d", seed=4)
+    for path in ("fused", "split"):
+        y, gates = triton_backend.triton_mogu_linear(*args, SCALING, path=path)
+        y_ref, g_ref = _float64_mogu(*args, SCALING)
+        assert y.dtype == torch.bfloat16 and gates.dtype == torch.bfloat16
+        assert _rel(y, y_ref) < TOL[torch.bfloat16] and _rel(gates, g_ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_strided_parameters(path):
+    """weight, lora_A, lora_B and router_weight as non-contiguous views (strides are passed through)."""
+    x, w, b, A, B, rw, rb = _inputs(37, 40, 30, 4, 2, True, torch.float32, "2d", seed=17)
+    w_t = w.t().contiguous().t()                        # (N, K) with stride (1, N)
+    A_p = A.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    B_p = B.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    rw_t = rw.t().contiguous().t()
+    assert not any(t.is_contiguous() for t in (w_t, A_p, B_p, rw_t))
+    y, gates = triton_backend.triton_mogu_linear(x, w_t, b, A_p, B_p, rw_t, rb, SCALING, path=path)
+    y_ref, g_ref = _float64_mogu(x, w, b, A, B, rw, rb, SCALING)
+    assert _rel(y, y_ref) < TOL[torch.float32] and _rel(gates, g_ref) < TOL[torch.float32]
+
+
+def test_router_in_another_dtype_and_empty_input():
+    args = list(_inputs(9, 40, 24, 4, 2, True, torch.float16, seed=8, router_dtype=torch.bfloat16))
+    y, gates = triton_backend.triton_mogu_linear(*args, SCALING)
+    y_ref, g_ref = _float64_mogu(*args, SCALING)
+    assert _rel(y, y_ref) < TOL[torch.float16] and _rel(gates, g_ref) < TOL[torch.float16]
+    args[0] = args[0][:0]
+    y, gates = triton_backend.triton_mogu_linear(*args, SCALING)
+    assert y.shape == (0, 24) and gates.shape == (0, 2)
+
+
+# ----------------------------------------------------------------------------- base rows
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("M,layout", [(3, "2d"), (37, "3d"), (130, "noncontig")])
+def test_base_rows_run_as_plain_base(M, layout, path, dtype):
+    args = _inputs(M, 70, 50, 8, 2, True, dtype, layout, seed=M + 5)
+    base_rows = _some_base_rows(args[0], seed=M)
+    y, gates = triton_backend.triton_mogu_linear(*args, SCALING, base_rows, path=path)
+    y_ref, g_ref = _float64_mogu(*args, SCALING, base_rows)
+    assert _rel(y, y_ref) < TOL[dtype]
+    assert _rel(gates, g_ref) < TOL[dtype]                     # gates still reported for base rows
+    x, w, b = args[0], args[1], args[2]
+    plain = F.linear(x.double(), w.double(), b.double())
+    assert _rel(y[base_rows], plain[base_rows]) < TOL[dtype]
+    assert _rel(y[~base_rows], plain[~base_rows]) > 1e-2       # MoGU rows really differ
+    # An all-False mask is the same computation as no mask.
+    y_none, _ = triton_backend.triton_mogu_linear(*args, SCALING, None, path=path)
+    y_false, _ = triton_backend.triton_mogu_linear(*args, SCALING, torch.zeros_like(base_rows), path=path)
+    assert _rel(y_false, y_none) < 1e-6
+
+
+# ----------------------------------------------------------------------------- backward
+def _grads_vs_float64(args, base_rows, path, requires=(0, 3, 4, 5, 6), seed=0):
+    """Backprop random cotangents of (y, gates) through the kernel op and through
+    _float64_mogu; return [(name, got, want)] for the inputs in ``requires``."""
+    names = {0: "x", 3: "lora_A", 4: "lora_B", 5: "router_weight", 6: "router_bias"}
+    leaves = [t.detach().clone().requires_grad_(i in requires) if t is not None else None
+              for i, t in enumerate(args)]
+    y, gates = mogu_kernels.mogu_linear(*leaves, SCALING, backend="triton", base_rows=base_rows) \
+        if path == "auto" else triton_backend.triton_mogu_linear(*leaves, SCALING, base_rows, path=path)
+    g = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=g).to(y)
+    gg = torch.randn(gates.shape, generator=g).to(gates)
+    torch.autograd.backward([y, gates], [gy, gg])
+    leaves64 = [t.detach().double().requires_grad_(i in requires) if t is not None else None
+                for i, t in enumerate(args)]
+    y64, g64 = _float64_mogu(*leaves64, SCALING, base_rows)
+    outs = [(o, c) for o, c in ((y64, gy.double()), (g64, gg.double())) if o.requires_grad]
+    torch.autograd.backward([o for o, _ in outs], [c for _, c in outs])
+    assert leaves[1].grad is None and (leaves[2] is None or leaves[2].grad is None)   # frozen
+    return [(names[i], leaves[i].grad, leaves64[i].grad, leaves[i].dtype) for i in requires]
+
+
+@pytest.mark.parametrize("path", ["fused", "split", "auto"])
+@pytest.mark.parametrize("M,r,E,bias,layout,with_base_rows", [
+    (3, 4, 2, True, "3d", True),
+    (37, 8, 3, False, "noncontig", False),
+    (70, 1, 1, True, "2d", True),
+])
+def test_gradients_match_float64_autograd(M, r, E, bias, layout, with_base_rows, path):
+    args = _inputs(M, 40, 36, r, E, bias, torch.float32, layout, seed=M + r)
+    base_rows = _some_base_rows(args[0], seed=M) if with_base_rows else None
+    for name, got, want, dtype in _grads_vs_float64(args, base_rows, path, seed=M):
+        assert got is not None, name
+        assert got.dtype == dtype and got.shape == want.shape, name
+        assert _rel(got, want) < GRAD_TOL[torch.float32], name
+
+
+def test_half_gradients_and_router_grad_dtype():
+    """fp16 x/LoRA with an fp32 router: each grad in its input's dtype, close to float64."""
+    args = _inputs(20, 40, 36, 8, 2, True, torch.float16, "2d", seed=3)
+    for name, got, want, dtype in _grads_vs_float64(args, _some_base_rows(args[0]), "auto", seed=3):
+        assert got.dtype == dtype, name
+        assert _rel(got, want) < GRAD_TOL[torch.float16], name
+
+
+@pytest.mark.parametrize("requires", [(5, 6), (0, 5, 6), (3, 4)], ids=["router_only", "router_and_x", "lora_only"])
+def test_partial_gradients(requires):
+    """Stage-2 router training (only router params require grad) and expert fine-tuning."""
+    args = _inputs(9, 40, 24, 4, 2, True, torch.float32, "3d", seed=21)
+    for name, got, want, _ in _grads_vs_float64(args, None, "auto", requires=requires, seed=21):
+        assert _rel(got, want) < GRAD_TOL[torch.float32], name
+
+
+def test_backward_does_not_save_the_base_output():
+    """What autograd keeps: x, the frozen/LoRA/router parameters, base_rows and the
+    (M, E*r + E) fp32 shrink|gates tensor; nothing M x N."""
+    M, K, N, r, E = 37, 40, 52, 4, 2
+    args = _inputs(M, K, N, r, E, True, torch.float32, "2d", seed=2)
+    leaves = [t.detach().clone().requires_grad_(i in (0, 3, 4, 5, 6)) for i, t in enumerate(args)]
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        y, _ = mogu_kernels.mogu_linear(*leaves, SCALING, backend="triton")
+    assert shapes, "no tensors saved: is the autograd formula registered?"
+    assert (M, N) not in shapes, shapes
+    assert (M, E * r + E) in shapes and (M, K) in shapes, shapes
+    per_token_elems = sum(torch.Size(s).numel() for s in shapes if s and s[0] == M)
+    assert per_token_elems == M * (K + E * r + E)
+
+
+# ----------------------------------------------------------------------------- it really runs
+def test_the_triton_kernels_are_what_runs(monkeypatch):
+    """A silent fallback cannot pass: the reference is made to raise, and the launch
+    counter must move by exactly one fused launch (decode) or shrink+GEMM (prefill)."""
+    def boom(*a, **k):
+        raise AssertionError("the reference implementation ran")
+    monkeypatch.setattr(mogu_kernels.reference, "reference_mogu_linear", boom)
+    monkeypatch.setattr(triton_backend, "reference_mogu_linear", boom)
+    monkeypatch.setitem(mogu_kernels.dispatch._REGISTRY, "reference",
+                        mogu_kernels.Backend("reference", boom, lambda d: True))
+    assert mogu_kernels.resolve_backend(DEVICE, "triton").fn is triton_backend.triton_mogu_linear
+
+    for M, expect in [(1, {"mogu_fused_kernel": 1}),
+                      (triton_backend.FUSED_MAX_M, {"mogu_fused_kernel": 1}),
+                      (triton_backend.FUSED_MAX_M + 1, {"mogu_shrink_router_kernel": 1, "mogu_gemm_expand_kernel": 1})]:
+        args = _inputs(M, 40, 24, 4, 2, True, torch.float32, "2d", seed=M)
+        before = dict(triton_backend.LAUNCHES)
+        y, _ = mogu_kernels.mogu_linear(*args, SCALING, backend="triton")
+        after = dict(triton_backend.LAUNCHES)
+        delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+        assert delta == expect, (M, delta)
+        assert _rel(y, _float64_mogu(*args, SCALING)[0]) < TOL[torch.float32]
+
+
+def test_device_support_rules(monkeypatch):
+    """CUDA always; CPU only while TRITON_INTERPRET=1 and the kernels were built by the interpreter."""
+    b = mogu_kernels.dispatch.registered_backends()["triton"]
+    assert b.supports_device(torch.device("cuda"))
+    assert b.supports_device(torch.device("cpu")) == triton_backend.INTERPRET
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not b.supports_device(torch.device("cpu"))
+    if DEVICE == "cuda":
+        assert mogu_kernels.resolve_backend("cuda").name == "triton"   # the default on CUDA tensors
+
+
+def test_pruner_keeps_order_and_falls_back_for_large_rank(monkeypatch):
+    """Configs whose staged tiles overflow shared memory (or whose shrink accumulator would
+    spill) are dropped in order; with none left, the first fitting small fallback is used."""
+    monkeypatch.setattr(triton_backend, "_MAX_SMEM", 232448)
+    k = triton_backend._fused_decode
+    x16 = torch.empty(1, dtype=torch.bfloat16)
+    assert k.prune(k.configs, {"x_ptr": x16}, BLOCK_R=16) == k.configs          # r=8: everything fits
+    big = k.prune(k.configs, {"x_ptr": x16}, BLOCK_R=512)                       # E*r = 384
+    assert big == [k.fallbacks[0]]
+    mid = k.prune(k.configs, {"x_ptr": x16}, BLOCK_R=256)
+    assert mid and all(c in k.configs for c in mid) and len(mid) < len(k.configs)
+    assert [c for c in k.configs if c in mid] == mid                            # order kept
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the kernels for real")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter accepts programs the GPU compiler may reject: compile every launch
+    of a few decode/mid/prefill layers for sm_90 ahead of time (tests/triton_compile_check.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton.backends
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    script = Path(__file__).with_name("triton_compile_check.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script), "--arch", "90"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "0 failures" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- registration
+def test_opcheck_schema_fake_autograd():
+    """torch.library.opcheck: schema, fake (meta) impl vs real, autograd registration,
+    AOT dispatch with dynamic shapes."""
+    x, w, b, A, B, rw, rb = _inputs(5, 24, 20, 4, 2, True, torch.float32, "3d", seed=9)
+    base_rows = _some_base_rows(x)
+    for t in (x, A, B, rw, rb):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.mogu.triton_linear.default, (x, w, b, A, B, rw, rb, SCALING, base_rows, "auto"))
+    torch.library.opcheck(torch.ops.mogu.triton_linear.default, (x, w, None, A, B, rw, rb, SCALING, None, "split"))
+    _, _, saved = torch.ops.mogu.triton_linear(x, w, b, A, B, rw, rb, SCALING, base_rows, "auto")
+    assert saved.dtype == torch.float32 and saved.shape == (*x.shape[:-1], 2 * 4 + 2) and not saved.requires_grad
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    """No graph break through mogu_linear(backend="triton"); gradients as in eager.
+    aot_eager on CPU (no inductor compile time); the gpu test below uses inductor."""
+    args = _inputs(6, 24, 20, 4, 2, True, torch.float32, "3d", seed=13)
+    x, w, b, A, B, rw, rb = args
+    base_rows = _some_base_rows(x)
+
+    def layer(x, A, B, rw, rb):
+        return mogu_kernels.mogu_linear(x, w, b, A, B, rw, rb, SCALING, backend="triton", base_rows=base_rows)
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    eager_leaves = [t.clone().requires_grad_(True) for t in (x, A, B, rw, rb)]
+    comp_leaves = [t.clone().requires_grad_(True) for t in (x, A, B, rw, rb)]
+    ye, ge = layer(*eager_leaves)
+    yc, gc = compiled(*comp_leaves)
+    assert _rel(yc, ye) < 1e-6 and _rel(gc, ge) < 1e-6
+    (ye.square().sum() + ge.sum()).backward()
+    (yc.square().sum() + gc.sum()).backward()
+    for e, c in zip(eager_leaves, comp_leaves):
+        assert _rel(c.grad, e.grad) < 1e-6
+
+
+# ----------------------------------------------------------------------------- GPU only
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("path", ["auto", "fused", "split"])
+@pytest.mark.parametrize("M", [1, 16, 200])
+def test_gpu_bf16_forward_and_backward(M, path):
+    args = _inputs(M, 520, 1000, 16, 2, True, torch.bfloat16, "3d", seed=M)
+    base_rows = _some_base_rows(args[0], seed=M)
+    y, gates = triton_backend.triton_mogu_linear(*args, SCALING, base_rows, path=path)
+    y_ref, g_ref = _float64_mogu(*args, SCALING, base_rows)
+    assert _rel(y, y_ref) < TOL[torch.bfloat16] and _rel(gates, g_ref) < TOL[torch.bfloat16]
+    for name, got, want, dtype in _grads_vs_float64(args, base_rows, path, seed=M):
+        assert got.dtype == dtype and _rel(got, want) < GRAD_TOL[torch.bfloat16], name
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
+def test_gpu_autotuned_shapes(dtype, monkeypatch):
+    """The autotuned configs (decode, mid, prefill) give correct results at layer-like sizes."""
+    assert not triton_backend.INTERPRET
+    monkeypatch.setenv(triton_backend.AUTOTUNE_ENV, "1")
+    for M in (1, 48, 1024):
+        args = _inputs(M, 1024, 1536, 8, 2, True, dtype, "2d", seed=M)
+        y, gates = mogu_kernels.mogu_linear(*args, SCALING)       # default backend on CUDA
+        y_ref, g_ref = _float64_mogu(*args, SCALING)
+        assert _rel(y, y_ref) < TOL[dtype] and _rel(gates, g_ref) < TOL[dtype], M
+    for k in (triton_backend._fused_decode, triton_backend._fused_mid, triton_backend._shrink, triton_backend._gemm):
+        assert k.tuned.cache, f"{k.name}: autotuner never ran"
+
+
+@gpu
+def test_gpu_torch_compile_inductor():
+    args = _inputs(12, 256, 384, 8, 2, True, torch.bfloat16, "3d", seed=1)
+    x, w, b, A, B, rw, rb = args
+
+    def layer(x, A, B, rw, rb):
+        y, g = mogu_kernels.mogu_linear(x, w, b, A, B, rw, rb, SCALING)
+        return torch.nn.functional.silu(y), g
+
+    compiled = torch.compile(layer, fullgraph=True)
+    eager = [t.clone().requires_grad_(True) for t in (x, A, B, rw, rb)]
+    comp = [t.clone().requires_grad_(True) for t in (x, A, B, rw, rb)]
+    ye, ge = layer(*eager)
+    yc, gc = compiled(*comp)
+    assert _rel(yc, ye) < 1e-2 and _rel(gc, ge) < 1e-2
+    ye.float().square().sum().backward()
+    yc.float().square().sum().backward()
+    for e, c in zip(eager, comp):
+        assert _rel(c.grad, e.grad) < 2e-2
+
+
+@gpu
+@pytest.mark.parametrize("M", [1, 16, 128])
+def test_gpu_cuda_graph_capture_and_replay(M):
+    """No host sync and no data-dependent allocation: the op can be captured once (after
+    a warm-up call that autotunes) and replayed on new inputs."""
+    x, w, b, A, B, rw, rb = _inputs(M, 512, 768, 8, 2, True, torch.bfloat16, "2d", seed=M)
+    base_rows = _some_base_rows(x)
+    static_x = x.clone()
+
+    def run():
+        return mogu_kernels.mogu_linear(static_x, w, b, A, B, rw, rb, SCALING, base_rows=base_rows)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()                                              # warm-up: autotune + compile outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static, g_static = run()
+    new_x = torch.randn_like(x)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    y_ref, g_ref = _float64_mogu(new_x, w, b, A, B, rw, rb, SCALING, base_rows)
+    assert _rel(y_static, y_ref) < TOL[torch.bfloat16] and _rel(g_static, g_ref) < TOL[torch.bfloat16]
