@@ -5,10 +5,15 @@
     mogu.load_official(model, glad=..., unwill=..., router=...)   # the published release
     with mogu.mode(model, "base"): ...           # or "mogu" (default), "glad", "unwill"
     with mogu.capture_gates(model) as gates: ... # module name -> (..., 2) [unwill, glad]
+    mogu.generate(model, input_ids, max_new_tokens=64)   # published protocol, cached (= model.generate)
+    mogu.train_expert(...), mogu.train_router(...)        # the two training stages (mogu.training)
 """
 from .checkpoint import export_peft, from_pretrained, load, load_official, save_pretrained
 from .config import EXPERTS, FAMILY_TARGETS, MoGUConfig
+from .generation import PROTOCOLS, generate, install_generate, load_for_inference, uninstall_generate
 from .layer import MODES, MoGULinear, RouterHead
+from .prompting import format_chat, format_prompt
+from .training import train_expert, train_router
 from .patching import (capture_gates, fold_routers, get_mode, is_patched, mode, patch_model,
                        patched_modules, set_mode, unpatch)
 
@@ -17,4 +22,7 @@ __all__ = [
     "patch_model", "unpatch", "is_patched", "patched_modules", "set_mode", "get_mode", "mode",
     "capture_gates", "fold_routers",
     "load", "load_official", "save_pretrained", "from_pretrained", "export_peft",
+    "generate", "PROTOCOLS", "install_generate", "uninstall_generate", "load_for_inference",
+    "format_prompt", "format_chat",
+    "train_expert", "train_router",
 ]

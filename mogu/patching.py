@@ -76,6 +76,8 @@ def patch_model(model: nn.Module, config: Optional[MoGUConfig] = None) -> nn.Mod
     for n, w in wrapped:
         _set_submodule(model, n, w)
     model.mogu_config = config
+    from .generation import install_generate     # lazy: mogu.generation imports this module
+    install_generate(model)                      # model.generate follows the MoGU protocol
     return model
 
 
@@ -89,6 +91,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, original)
     if "mogu_config" in model.__dict__:
         del model.__dict__["mogu_config"]
+    from .generation import uninstall_generate
+    uninstall_generate(model)
     return model
 
 

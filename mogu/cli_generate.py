@@ -1,0 +1,166 @@
+"""``mogu generate`` and ``mogu chat``: MoGU text generation from the command line.
+
+    mogu generate --model DIR [--gguf-file F] [--mogu DIR] --prompt TEXT [options]
+    mogu chat     --model DIR [--gguf-file F] [--mogu DIR] [options]
+
+``--model`` is a local Hugging Face model folder (with ``--gguf-file``, the folder of a
+GGUF file); ``--mogu`` a MoGU folder in this project's format or a published release
+root (without it the plain base model runs, for comparison). The prompt is formatted with
+the tokenizer's chat template, or the Llama-2 ``[INST]`` template when it has none
+(``--raw`` sends the text as is). The answer is streamed to stdout; greedy unless
+``--temperature`` > 0.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Dict, List
+
+from .generation import PROTOCOLS
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="local Hugging Face model folder (or the folder of --gguf-file)")
+    g.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
+    g.add_argument("--mogu", default=None,
+                   help="MoGU folder (own format or published release root); omit for the plain base model")
+    g.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (fp32 on CPU, bf16 on CUDA)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    d = p.add_argument_group("decoding")
+    d.add_argument("--system", default=None, help="system prompt")
+    d.add_argument("--max-new-tokens", type=int, default=256)
+    d.add_argument("--protocol", choices=PROTOCOLS, default="exact",
+                   help="exact: published protocol (MoGU for the first --mogu-tokens tokens, then the base "
+                        "model), token-exact; cached: switch to base keeping the cache; always: MoGU throughout")
+    d.add_argument("--mogu-tokens", type=int, default=None, help="tokens decided by MoGU (default: the config's, 5)")
+    d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    d.add_argument("--top-p", type=float, default=None)
+    d.add_argument("--top-k", type=int, default=None)
+    d.add_argument("--seed", type=int, default=None, help="torch.manual_seed before generating")
+    d.add_argument("--raw", action="store_true", help="send the prompt text as is (no chat template)")
+
+
+def register(subparsers) -> None:
+    gen = subparsers.add_parser("generate", help="generate one answer (streamed to stdout)",
+                                description="Generate an answer to one prompt with a MoGU model.")
+    _add_model_args(gen)
+    gen.add_argument("--prompt", required=True, help="the instruction ('-' reads it from stdin)")
+    gen.set_defaults(func=run_generate)
+
+    chat = subparsers.add_parser("chat", help="interactive chat (streamed)",
+                                 description="Chat with a MoGU model. Commands: /reset (forget the conversation), "
+                                             "/exit (or end of input).")
+    _add_model_args(chat)
+    chat.set_defaults(func=run_chat)
+
+
+def _check_args(args) -> None:
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.mogu_tokens is not None and args.mogu_tokens < 0:
+        raise ValueError(f"--mogu-tokens must be >= 0, got {args.mogu_tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k <= 0:
+        raise ValueError(f"--top-k must be positive, got {args.top_k}")
+
+
+def _decoding_kwargs(args, tokenizer) -> Dict:
+    kw = {"max_new_tokens": args.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+    if args.temperature > 0:
+        kw.update(do_sample=True, temperature=args.temperature)
+        if args.top_p is not None:
+            kw["top_p"] = args.top_p
+        if args.top_k is not None:
+            kw["top_k"] = args.top_k
+    else:
+        # Greedy, whatever sampling defaults the model's generation_config carries.
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kw
+
+
+def _load(args):
+    from .generation import load_for_inference
+    return load_for_inference(args.model, mogu_path=args.mogu, gguf_file=args.gguf_file, dtype=args.dtype,
+                              device=args.device, protocol=args.protocol)
+
+
+def _answer(model, tokenizer, prompt_text: str, args) -> List[int]:
+    """Stream the answer to ``prompt_text`` to stdout; returns the new token ids."""
+    import torch
+    from transformers import TextStreamer
+
+    from . import generation
+    from .prompting import encode_prompt
+    from .patching import is_patched
+
+    ids = encode_prompt(tokenizer, prompt_text)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    input_ids = torch.tensor([ids], device=model.device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    kw = _decoding_kwargs(args, tokenizer)
+    if is_patched(model):
+        out = generation.generate(model, input_ids, attention_mask=torch.ones_like(input_ids),
+                                  mogu_tokens=args.mogu_tokens, protocol=args.protocol, streamer=streamer, **kw)
+    else:
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kw)
+    return out[0, input_ids.shape[1]:].tolist()
+
+
+def _fail(command: str, exc: Exception) -> int:
+    print(f"mogu {command}: error: {exc}", file=sys.stderr)
+    return 1
+
+
+def run_generate(args) -> int:
+    from .prompting import format_prompt
+    try:
+        _check_args(args)
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        model, tokenizer = _load(args)
+        text = prompt if args.raw else format_prompt(tokenizer, prompt, system=args.system)
+        _answer(model, tokenizer, text, args)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        return _fail("generate", exc)
+    return 0
+
+
+def run_chat(args) -> int:
+    from .prompting import format_chat
+    try:
+        _check_args(args)
+        model, tokenizer = _load(args)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        return _fail("chat", exc)
+    mode = "MoGU" if args.mogu else "base model"
+    print(f"[mogu chat: {mode}, protocol {args.protocol}; /reset forgets, /exit quits]", file=sys.stderr)
+    history: List[Dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:                       # end of input
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        turn = history + [{"role": "user", "content": text}]
+        prompt = text if args.raw else format_chat(tokenizer, turn)
+        try:
+            new_ids = _answer(model, tokenizer, prompt, args)
+        except ValueError as exc:
+            _fail("chat", exc)
+            continue
+        reply = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+        history = turn + [{"role": "assistant", "content": reply}]

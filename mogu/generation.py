@@ -1,0 +1,599 @@
+"""MoGU text generation: the published decoding protocol, token-exact, cached, one weight copy.
+
+The published MoGU inference decides the first ``m`` (= ``mogu_tokens``, 5) new tokens with
+the MoGU model, then lets the plain base model continue from prompt + those tokens with
+its own view of the whole prefix. The published code re-encodes the prefix at every MoGU
+step and keeps two copies of the weights. :func:`generate` gives the same tokens with one
+copy and KV caching:
+
+* ``protocol="exact"`` (default): every prompt row runs as two rows of one batch,
+  interleaved ``[row0 MoGU, row0 base, row1 MoGU, row1 base, ...]``. Each patched layer gets
+  ``base_rows`` = the odd rows, so the base rows compute the plain base projection inside
+  the same fused op call while the MoGU rows are gated. For new tokens ``0 .. m-1`` the
+  token is chosen from the MoGU rows' logits and appended to both rows, so the base rows
+  build the base model's own KV cache of the prompt and of those tokens. After ``m``
+  tokens the MoGU rows are dropped from the batch and the cache, the layers switch to
+  mode "base" (bitwise the unpatched layer) and decoding continues as plain base
+  generation. With the default DynamicCache the prompt is prefilled per row group: the
+  MoGU rows first (the first token is out as soon as in plain generation), the base rows
+  (mode "base") right after it, then the two caches are interleaved; so the prefill
+  activations peak like one plain prefill. Cost: a second prefill, ``m - 1`` decode
+  steps at 2x the rows and the MoGU rows' KV cache while they live; the rest is exactly
+  base generation.
+* ``protocol="cached"``: one row per prompt; MoGU for the first ``m`` tokens, then the
+  layers switch to "base" but keep the cache the MoGU steps built (cheapest, not exact:
+  the base model attends to MoGU keys/values of the prefix).
+* ``protocol="always"``: MoGU on every token.
+
+Everything else is Hugging Face ``generate``: :func:`generate` calls the model class's
+``generate`` with a ``custom_generate`` decoding loop, so generation config handling,
+special tokens, attention masks and position ids for left padding, logits processors
+(temperature, top-k, top-p, repetition penalty, ...), stopping criteria (max length, eos,
+stop strings, custom) and streamers behave as in ``model.generate``. Finished rows are
+padded with ``pad_token_id`` like HF does. Beam search and assisted decoding are not
+supported (ValueError).
+
+After :func:`install_generate` (done by ``mogu.patch_model``), ``model.generate(...)``
+follows the protocol too while the layers are in mode "mogu"; in any other mode
+("base", "glad", "unwill", set with ``mogu.mode``/``mogu.set_mode``) it is the plain HF
+``generate`` in that mode.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .layer import MoGULinear
+from .patching import get_mode, is_patched, patched_modules
+
+PROTOCOLS = ("exact", "cached", "always")
+_CACHE_KEYS = ("cache", "past_key_values")          # transformers 5.x name first, then the older one
+
+
+# ------------------------------------------------------------------ helpers
+def _check_inputs(model: nn.Module, input_ids, attention_mask, mogu_tokens, protocol) -> int:
+    """Validate the arguments of :func:`generate`; returns the resolved mogu_tokens."""
+    if not patched_modules(model):
+        raise ValueError("mogu.generate: the model is not MoGU-patched; call mogu.patch_model(model) and load "
+                         "MoGU weights (mogu.load / mogu.load_official) first, or use model.generate for the "
+                         "plain model")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"mogu.generate: unknown protocol {protocol!r}; expected one of {list(PROTOCOLS)}")
+    if mogu_tokens is None:
+        config = getattr(model, "mogu_config", None)
+        mogu_tokens = config.mogu_tokens if config is not None else 5
+    if isinstance(mogu_tokens, bool) or not isinstance(mogu_tokens, int) or mogu_tokens < 0:
+        raise ValueError(f"mogu.generate: mogu_tokens must be an integer >= 0, got {mogu_tokens!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        desc = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"mogu.generate: input_ids must be an integer tensor of shape (batch, prompt_length), "
+                         f"got {desc}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"mogu.generate: empty prompt (input_ids has shape {tuple(input_ids.shape)}); every row "
+                         f"needs at least one token")
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"mogu.generate: attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                             f"{tuple(input_ids.shape)} like input_ids")
+        empty = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"mogu.generate: empty prompt in row(s) {empty} (attention_mask is all zeros)")
+    return int(mogu_tokens)
+
+
+def _map_batch(model_kwargs: Dict, batch: int, fn) -> Dict:
+    """Apply ``fn(tensor, dim)`` to every per-row tensor of the HF model kwargs.
+
+    Per-row tensors are those with the batch size ``batch`` on their batch dim: dim 0, or
+    dim 1 for 3-D position ids (multimodal rope). Same rule as HF's
+    ``_expand_inputs_for_generation``, which repeats every tensor of the kwargs.
+    """
+    out = dict(model_kwargs)
+    for key, value in model_kwargs.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            continue
+        dim = 1 if key.endswith("position_ids") and value.dim() == 3 else 0
+        if value.shape[dim] == batch:
+            out[key] = fn(value, dim)
+    return out
+
+
+def _find_cache(model_kwargs: Dict):
+    for key in _CACHE_KEYS:
+        if model_kwargs.get(key) is not None:
+            return model_kwargs[key]
+    return None
+
+
+class _LayerState:
+    """Save and restore the per-generation state of every patched layer."""
+
+    def __init__(self, layers: List[MoGULinear]):
+        self.layers = layers
+        self.saved = [(layer.mode, layer.base_rows, layer.gate_sink) for layer in layers]
+        self.hooks = []
+
+    def set_mode(self, name: str) -> None:
+        for layer in self.layers:
+            layer.mode = name
+
+    def restore(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []
+        for layer, (mode, base_rows, sink) in zip(self.layers, self.saved):
+            layer.mode, layer.base_rows, layer.gate_sink = mode, base_rows, sink
+
+
+class _BaseRowsHook:
+    """Forward pre-hook: set ``base_rows`` to the odd rows of whatever the layer receives.
+
+    The layer input is (2B, T, K) (or any (2B, ..., K)); rows 1, 3, 5, ... are the base
+    copies of the prompts. Masks are cached per shape (prefill, then decode steps).
+    """
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self._masks: Dict[Tuple, torch.Tensor] = {}
+
+    def mask(self, shape: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+        key = (shape, device)
+        if key not in self._masks:
+            odd = torch.arange(shape[0], device=device) % 2 == 1
+            self._masks[key] = odd.view(-1, *([1] * (len(shape) - 1))).expand(shape).contiguous()
+        return self._masks[key]
+
+    def __call__(self, module: MoGULinear, args) -> None:
+        x = args[0]
+        if x.dim() < 2 or x.shape[0] != self.rows:
+            raise RuntimeError(f"mogu.generate (exact protocol): a patched layer received input of shape "
+                               f"{tuple(x.shape)}, expected ({self.rows}, ..., K) with the batch first; this "
+                               f"model's projection input layout is not supported by the exact protocol "
+                               f"(use protocol='cached' or 'always')")
+        module.base_rows = self.mask(tuple(x.shape[:-1]), x.device)
+
+
+class _GateRecorder:
+    """Keeps, for each MoGU-phase step, the gates at the position that chose the new token.
+
+    Each patched layer's ``gate_sink`` is replaced by one that stores the last position's
+    gates of the MoGU rows (even rows when the batch is doubled) and forwards the MoGU
+    rows' gates of all positions to the sink the layer had before (e.g. ``capture_gates``).
+    """
+
+    def __init__(self, layers: List[MoGULinear], record: bool):
+        self.layers = layers
+        self.record = record
+        self.doubled = False
+        self.current: List[Optional[torch.Tensor]] = [None] * len(layers)
+        self.steps: List[torch.Tensor] = []
+        for i, layer in enumerate(layers):
+            if record or layer.gate_sink is not None:
+                layer.gate_sink = self._sink(i, layer.gate_sink)
+
+    def _sink(self, i: int, previous):
+        def sink(gates: torch.Tensor) -> None:
+            if self.doubled:
+                gates = gates[0::2]
+            if self.record:
+                last = gates[:, -1] if gates.dim() >= 3 else gates
+                self.current[i] = last.detach().float()
+            if previous is not None:
+                previous(gates)
+        return sink
+
+    def end_step(self) -> None:
+        """Called once per new token chosen by a MoGU-mode forward."""
+        if not self.record:
+            return
+        missing = [i for i, g in enumerate(self.current) if g is None]
+        if missing:
+            raise RuntimeError(f"mogu.generate: patched layers {missing} produced no gates in a MoGU step")
+        self.steps.append(torch.stack(self.current, dim=1).cpu())          # (B, L, 2)
+        self.current = [None] * len(self.layers)
+
+    def result(self, batch: int) -> torch.Tensor:
+        if not self.steps:
+            return torch.zeros(batch, 0, len(self.layers), 2)
+        return torch.stack(self.steps, dim=1)                                # (B, S, L, 2)
+
+
+class _MoGUDecoding:
+    """The decoding loop, run by HF ``generate`` as its ``custom_generate`` callable.
+
+    HF prepares everything (generation config, special tokens, attention mask, position
+    ids, cache, logits processors, stopping criteria) and calls this with the prepared
+    ``input_ids`` (B, L) and model kwargs; it mirrors ``GenerationMixin._sample`` with the
+    protocol's mode switches and, for "exact", the doubled batch.
+    """
+
+    def __init__(self, protocol: str, mogu_tokens: int, streamer=None, record_gates: bool = False):
+        self.protocol = protocol
+        self.mogu_tokens = mogu_tokens
+        self.streamer = streamer
+        self.record_gates = record_gates
+        self.gates: Optional[torch.Tensor] = None
+
+    def __call__(self, model, input_ids, logits_processor, stopping_criteria, generation_config,
+                 synced_gpus: bool = False, streamer=None, **model_kwargs):
+        streamer = streamer if streamer is not None else self.streamer
+        if getattr(generation_config, "num_beams", 1) not in (None, 1):
+            raise ValueError("mogu.generate: beam search (num_beams > 1) is not supported; use greedy or sampling")
+        if generation_config.return_dict_in_generate and (generation_config.output_attentions
+                                                          or generation_config.output_hidden_states):
+            raise ValueError("mogu.generate: output_attentions / output_hidden_states are not supported")
+        if synced_gpus:
+            raise ValueError("mogu.generate: synced_gpus is not supported")
+
+        batch = input_ids.shape[0]
+        cache = _find_cache(model_kwargs)
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("mogu.generate: continuing from a filled cache is not supported; pass the whole "
+                             "prompt without past key values")
+        max_new = (generation_config.max_length - input_ids.shape[1]) if generation_config.max_length else None
+        m = self.mogu_tokens if max_new is None else min(self.mogu_tokens, max(max_new, 0))
+        doubled = self.protocol == "exact" and m > 0
+        if doubled and cache is not None:
+            from transformers import DynamicCache
+            if not isinstance(cache, DynamicCache):
+                raise ValueError(f"mogu.generate: the exact protocol needs a DynamicCache (it drops batch rows "
+                                 f"after the MoGU tokens), got {type(cache).__name__}; do not set "
+                                 f"cache_implementation, or use protocol='cached'")
+
+        layers = list(patched_modules(model).values())
+        state = _LayerState(layers)
+        try:
+            # Phase 1 modes: MoGU (with the odd rows as base when doubled); with m = 0 every
+            # protocol but "always" is plain base generation from the start.
+            in_mogu_phase = m > 0 or self.protocol == "always"
+            state.set_mode("mogu" if in_mogu_phase else "base")
+            recorder = _GateRecorder(layers, self.record_gates)
+            sequences, result = self._loop(model, input_ids, logits_processor, stopping_criteria,
+                                           generation_config, streamer, model_kwargs, m, doubled, state, recorder)
+            self.gates = recorder.result(batch) if self.record_gates else None
+            return result
+        finally:
+            state.restore()
+
+    @staticmethod
+    def _double(model_kwargs: Dict, batch: int, state: _LayerState, recorder: _GateRecorder) -> Dict:
+        """Switch to the doubled batch: per-row kwargs repeated, base_rows hooks on."""
+        recorder.doubled = True
+        hook = _BaseRowsHook(2 * batch)
+        state.hooks = [layer.register_forward_pre_hook(hook) for layer in state.layers]
+        return _map_batch(model_kwargs, batch, lambda t, d: t.repeat_interleave(2, dim=d))
+
+    def _prefill(self, model, input_ids, model_kwargs, doubled, state, recorder):
+        """Run the prompt. Returns (logits, model_kwargs, pending).
+
+        logits: (B, V) last-position logits of the rows that choose the first token.
+        Not doubled, or doubled without a plain DynamicCache (e.g. use_cache=False): one
+        forward of the whole (doubled) batch, pending None. Doubled with a plain
+        DynamicCache: only the MoGU rows are prefilled now, so the first token comes as
+        fast as in plain generation; ``pending(model_kwargs, merge)`` prefills the base
+        rows later (mode "base": bitwise the unpatched model), from the prompt kwargs, and
+        either interleaves them into the cache and doubles the batch (merge=True) or,
+        when the MoGU phase is already over (m = 1), makes them the whole cache. Prefilling
+        the two row groups one after the other also keeps the prefill activation peak at
+        that of one plain prefill.
+        """
+        batch = input_ids.shape[0]
+        cache = _find_cache(model_kwargs)
+        split = False
+        if doubled and cache is not None:
+            from transformers.cache_utils import DynamicLayer
+            split = all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+        if not split:
+            if doubled:
+                model_kwargs = self._double(model_kwargs, batch, state, recorder)
+                input_ids = input_ids.repeat_interleave(2, dim=0)
+            inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
+            outputs = model(**inputs, return_dict=True)
+            model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+            logits = outputs.logits[:, -1, :]
+            return (logits[0::2] if doubled else logits), model_kwargs, None
+
+        prompt_kwargs = dict(model_kwargs)
+        inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
+        mogu_out = model(**inputs, return_dict=True)                       # MoGU rows -> ``cache``
+        logits = mogu_out.logits[:, -1, :]
+        model_kwargs = model._update_model_kwargs_for_generation(mogu_out, model_kwargs, is_encoder_decoder=False)
+        for key in _CACHE_KEYS:                       # keep the caller's cache object
+            if key in model_kwargs:
+                model_kwargs[key] = cache
+
+        def pending(current_kwargs: Dict, merge: bool) -> Dict:
+            from transformers import DynamicCache
+            base_cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+            base_kwargs = {k: (base_cache if v is cache else v) for k, v in prompt_kwargs.items()}
+            previous_modes = [layer.mode for layer in state.layers]
+            state.set_mode("base")
+            inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **base_kwargs)
+            model(**inputs, return_dict=True)                              # base rows -> ``base_cache``
+            for layer, mode in zip(state.layers, previous_modes):
+                layer.mode = mode
+            if len(cache.layers) != len(base_cache.layers):
+                raise RuntimeError("mogu.generate: MoGU and base prefill produced caches of different depth")
+            for mogu_layer, base_layer in zip(cache.layers, base_cache.layers):
+                if merge:    # interleave [row0 MoGU, row0 base, row1 MoGU, ...], layer by layer
+                    mogu_layer.keys = torch.stack([mogu_layer.keys, base_layer.keys], dim=1).flatten(0, 1)
+                    mogu_layer.values = torch.stack([mogu_layer.values, base_layer.values], dim=1).flatten(0, 1)
+                else:        # the MoGU rows are done: the base rows' cache is the cache
+                    mogu_layer.keys, mogu_layer.values = base_layer.keys, base_layer.values
+                base_layer.keys = base_layer.values = None
+            return self._double(current_kwargs, batch, state, recorder) if merge else current_kwargs
+
+        return logits, model_kwargs, pending
+
+    def _loop(self, model, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
+              model_kwargs, m, doubled, state, recorder):
+        batch = input_ids.shape[0]
+        pad = generation_config._pad_token_tensor
+        pad = pad.to(input_ids.device) if pad is not None else None
+        has_eos_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+        want_dict = generation_config.return_dict_in_generate
+        scores = () if want_dict and generation_config.output_scores else None
+        raw_logits = () if want_dict and generation_config.output_logits else None
+        decode_kwargs = {}
+        if "next_sequence_length" in inspect.signature(model.prepare_inputs_for_generation).parameters:
+            decode_kwargs["next_sequence_length"] = 1 if model_kwargs.get("use_cache", True) else None
+
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        sequences = input_ids                                        # (B, L): what processors and criteria see
+        unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
+        mogu_phase = m > 0 or self.protocol == "always"
+        generated = 0
+
+        logits, model_kwargs, pending = self._prefill(model, input_ids, model_kwargs, doubled, state, recorder)
+        doubled = doubled and pending is None                        # is the model's batch doubled now?
+        run_ids = input_ids.repeat_interleave(2, dim=0) if doubled else input_ids   # what the model sees
+        while True:
+            # logits: (B, V) last-position logits of the rows that choose (the MoGU rows when doubled)
+            logits = logits.to(copy=True, dtype=torch.float32, device=input_ids.device)
+            next_scores = logits_processor(sequences, logits)
+            if scores is not None:
+                scores += (next_scores,)
+            if raw_logits is not None:
+                raw_logits += (logits,)
+            if generation_config.do_sample:
+                probs = nn.functional.softmax(next_scores, dim=-1)
+                next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+            else:
+                next_tokens = torch.argmax(next_scores, dim=-1)
+            if has_eos_criteria and pad is not None:
+                next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
+            if mogu_phase:
+                recorder.end_step()
+            sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
+            if doubled:
+                run_ids = torch.cat([run_ids, next_tokens.repeat_interleave(2)[:, None]], dim=-1)
+            else:
+                run_ids = sequences
+            unfinished = unfinished & ~stopping_criteria(sequences, scores)
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
+            generated += 1
+            if unfinished.max() == 0:
+                break
+            switching = generated == m and self.protocol != "always"
+            if pending is not None:                                  # base rows of the exact protocol
+                model_kwargs = pending(model_kwargs, merge=not switching)
+                pending = None
+                if not switching:
+                    doubled = True
+                    run_ids = sequences.repeat_interleave(2, dim=0)
+            if switching:
+                mogu_phase = False
+                if doubled:
+                    # Keep the base rows: their cache is the base model's own view of the prefix.
+                    keep = torch.arange(1, 2 * batch, 2, device=input_ids.device)
+                    cache = _find_cache(model_kwargs)
+                    if cache is not None:
+                        cache.batch_select_indices(keep)
+                    model_kwargs = _map_batch(model_kwargs, 2 * batch, lambda t, d: t.index_select(d, keep.to(t.device)))
+                    for handle in state.hooks:
+                        handle.remove()
+                    state.hooks = []
+                    for layer in state.layers:
+                        layer.base_rows = None
+                    doubled = False
+                    recorder.doubled = False
+                    run_ids = sequences
+                state.set_mode("base")
+            model_inputs = model.prepare_inputs_for_generation(run_ids, **decode_kwargs, **model_kwargs)
+            outputs = model(**model_inputs, return_dict=True)
+            model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+            logits = outputs.logits[:, -1, :]
+            if doubled:
+                logits = logits[0::2]                                  # the MoGU rows choose
+            del outputs
+
+        if streamer is not None:
+            streamer.end()
+        if not want_dict:
+            return sequences, sequences
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+        fields = {"sequences": sequences, "scores": scores, "logits": raw_logits}
+        cache = _find_cache(model_kwargs)
+        for key in _CACHE_KEYS:
+            if key in GenerateDecoderOnlyOutput.__dataclass_fields__:
+                fields[key] = cache
+                break
+        return sequences, GenerateDecoderOnlyOutput(**fields)
+
+
+# ------------------------------------------------------------------ public
+def generate(model: nn.Module, input_ids: torch.Tensor = None, attention_mask: Optional[torch.Tensor] = None,
+             max_new_tokens: Optional[int] = None, mogu_tokens: Optional[int] = None, protocol: str = "exact",
+             return_gates: bool = False, **generation_kwargs):
+    """Generate with a MoGU-patched Hugging Face causal LM under a MoGU decoding protocol.
+
+    Args:
+        model: a model patched by ``mogu.patch_model`` (with MoGU weights loaded).
+        input_ids: LongTensor (B, L), left-padded for B > 1, every row non-empty.
+        attention_mask: (B, L) 0/1, or None (inferred from ``pad_token_id`` like HF).
+        max_new_tokens: new tokens at most, all protocols and phases counted (None: the
+            model's generation config).
+        mogu_tokens: m, the new tokens decided by MoGU; None = ``model.mogu_config.mogu_tokens``.
+        protocol: "exact" (published protocol, token-exact, cached), "cached" or "always";
+            see the module docstring.
+        return_gates: also return the router gates of every MoGU-phase token.
+        **generation_kwargs: anything ``model.generate`` accepts for greedy/sampling
+            decoding: ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+            ``repetition_penalty``, ``eos_token_id``, ``pad_token_id``, ``min_new_tokens``,
+            ``generation_config``, ``logits_processor``, ``stopping_criteria``,
+            ``stop_strings`` (with ``tokenizer``), ``streamer``, ``num_return_sequences``,
+            ``return_dict_in_generate`` with ``output_scores``/``output_logits``, ... Sampling is
+            seeded with ``torch.manual_seed``.
+
+    Returns:
+        LongTensor (B, L + new) (prompt + new tokens; rows that stopped early are padded with
+        ``pad_token_id``), or HF's ``GenerateDecoderOnlyOutput`` with
+        ``return_dict_in_generate=True``. With ``return_gates=True`` a pair
+        ``(that, gates)``: gates float32 CPU (B, S, n_layers, 2), S = new tokens chosen by a
+        MoGU forward (min(m, new) for "exact"/"cached", all for "always"), layers in
+        module order, last dim [unwill, glad]; ``gates[b, t]`` are the gates at the
+        position whose logits chose new token t (the last prompt token for t = 0).
+
+    Raises:
+        ValueError: unpatched model, empty prompt (or an all-padding row), mogu_tokens < 0,
+        unknown protocol, beam search, or a cache the protocol cannot use.
+
+    Under greedy decoding, protocol="exact" returns the tokens of the published procedure
+    (m MoGU steps re-encoding the prefix, then the base model continuing from prompt +
+    those tokens); "exact" keeps the MoGU rows only for the first m tokens.
+    """
+    if input_ids is None:
+        input_ids = generation_kwargs.pop("inputs", None)
+        if input_ids is None:
+            input_ids = generation_kwargs.pop("input_ids", None)
+    m = _check_inputs(model, input_ids, attention_mask, mogu_tokens, protocol)
+    for unsupported in ("assistant_model", "custom_generate", "prompt_lookup_num_tokens"):
+        if generation_kwargs.get(unsupported) is not None:
+            raise ValueError(f"mogu.generate: {unsupported} is not supported")
+    if (generation_kwargs.get("num_beams") or 1) > 1:
+        raise ValueError("mogu.generate: beam search (num_beams > 1) is not supported; use greedy or sampling")
+    streamer = generation_kwargs.pop("streamer", None)
+    tokenizer = generation_kwargs.pop("tokenizer", None)
+    stop_strings = generation_kwargs.pop("stop_strings", None)
+    if stop_strings is not None:
+        # HF drops ``tokenizer`` for custom_generate callables, so build the criterion here.
+        if tokenizer is None:
+            raise ValueError("mogu.generate: stop_strings needs tokenizer=...")
+        from transformers import StoppingCriteriaList, StopStringCriteria
+        criteria = StoppingCriteriaList(generation_kwargs.pop("stopping_criteria", None) or [])
+        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+        generation_kwargs["stopping_criteria"] = criteria
+    decoding = _MoGUDecoding(protocol, m, streamer=streamer, record_gates=return_gates)
+    if attention_mask is not None:
+        generation_kwargs["attention_mask"] = attention_mask
+    if max_new_tokens is not None:
+        generation_kwargs["max_new_tokens"] = max_new_tokens
+    # The class's generate (not an instance override installed by install_generate).
+    result = type(model).generate(model, input_ids, custom_generate=decoding, **generation_kwargs)
+    if return_gates:
+        return result, decoding.gates
+    return result
+
+
+class MoGUGenerate:
+    """``model.generate`` of a MoGU-patched model (installed by :func:`install_generate`).
+
+    Same call as HF ``generate`` plus the keyword arguments ``mogu_tokens``, ``protocol``
+    (default: the one given to ``install_generate``) and ``return_gates``. In mode "mogu"
+    it runs :func:`generate`; in any other mode (and on a model that is no longer patched)
+    the plain HF ``generate``.
+    """
+
+    def __init__(self, model: nn.Module, protocol: str = "exact"):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"mogu.install_generate: unknown protocol {protocol!r}; expected one of {list(PROTOCOLS)}")
+        self.model = model
+        self.protocol = protocol
+
+    def __call__(self, inputs=None, *args, mogu_tokens=None, protocol=None, return_gates=False, **kwargs):
+        model = self.model
+        hf_generate = type(model).generate
+        if args:            # positional HF arguments after ``inputs``: name them
+            names = [p for p in inspect.signature(hf_generate).parameters if p not in ("self", "inputs")]
+            for name, value in zip(names, args):
+                if name in kwargs:
+                    raise TypeError(f"generate() got multiple values for argument {name!r}")
+                kwargs[name] = value
+        if inputs is None and "input_ids" in kwargs:
+            inputs = kwargs.pop("input_ids")
+        if not is_patched(model) or get_mode(model) != "mogu":
+            if return_gates or mogu_tokens is not None or protocol is not None:
+                raise ValueError(f"model.generate: mogu_tokens/protocol/return_gates need the MoGU layers in mode "
+                                 f"'mogu' (now {get_mode(model) if is_patched(model) else 'unpatched'!r})")
+            return hf_generate(model, inputs, **kwargs)
+        return generate(model, inputs, mogu_tokens=mogu_tokens, protocol=protocol or self.protocol,
+                        return_gates=return_gates, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"MoGUGenerate(protocol={self.protocol!r})"
+
+
+def install_generate(model: nn.Module, protocol: str = "exact") -> nn.Module:
+    """Make ``model.generate`` follow the MoGU protocol (an instance attribute; idempotent)."""
+    model.__dict__["generate"] = MoGUGenerate(model, protocol)
+    return model
+
+
+def uninstall_generate(model: nn.Module) -> nn.Module:
+    """Undo :func:`install_generate` (``model.generate`` is the class's again)."""
+    if isinstance(model.__dict__.get("generate"), MoGUGenerate):
+        del model.__dict__["generate"]
+    return model
+
+
+# ------------------------------------------------------------------ loading
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"mogu: unknown dtype {dtype!r}; expected one of {sorted(names)} or 'auto'")
+    return names[dtype]
+
+
+def load_for_inference(model_path, mogu_path=None, gguf_file: Optional[str] = None, dtype=None, device=None,
+                       protocol: str = "exact"):
+    """Load a local causal LM and its tokenizer for generation, with MoGU if ``mogu_path``.
+
+    model_path: a local Hugging Face model folder (or the folder of ``gguf_file``).
+    mogu_path: a MoGU folder in this project's format or a published release root
+        (``mogu.load`` detects which); None = the plain model.
+    dtype: torch dtype or "float32"/"bfloat16"/"float16"/"auto"/None (fp32 on CPU, bf16 on CUDA).
+    device: "cpu", "cuda", ... (None: cuda if available else cpu).
+
+    Returns (model, tokenizer): the model in eval mode on ``device``; with MoGU its
+    ``generate`` follows ``protocol``. The tokenizer pads on the left and has a pad token
+    (eos when it had none) so batched prompts work.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import load
+
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = _resolve_dtype(dtype, device)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(model_path, **extra)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, **extra)
+    model.to(device).eval()
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if getattr(model.generation_config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if mogu_path is not None:
+        load(model, mogu_path)
+        install_generate(model, protocol)
+    return model, tokenizer
