@@ -144,9 +144,12 @@ def main(argv=None) -> int:
     if args.generation:
         from generation_bench import run_generation_rows
         gen_rows = run_generation_rows(model_path=args.model, device=args.device)
+        print("\ngeneration (prompt 256, 64 new tokens; ratios to plain base generate)")
+        print(f"{'impl':<14}{'TTFT ms':>10}{'tok/s':>9}{'total s':>9}{'peak MB':>9}{'time x':>8}{'mem x':>7}")
         for r in gen_rows:
             r["kind"] = "generation"
-            print(r)
+            print(f"{r['impl']:<14}{r['ttft_ms']:>10.1f}{r['tokens_per_s']:>9.1f}{r['total_s']:>9.2f}"
+                  f"{r['peak_mem_mb']:>9.0f}{r['ratio_to_base']:>8.3f}{r.get('mem_ratio_to_base', float('nan')):>7.3f}")
         rows += gen_rows
 
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
