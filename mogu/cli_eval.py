@@ -1,0 +1,175 @@
+"""``mogu build-data`` and ``mogu eval``: training data from instruction lists, and evaluation.
+
+    mogu build-data --model DIR [--gguf-file F] (--instructions F | --benign F --malicious F) --out DIR
+    mogu eval       --model DIR [--gguf-file F] [--mogu DIR] (--prompts F | --benign F | --malicious F) --out DIR
+
+``--model`` is a local Hugging Face model folder (with ``--gguf-file``, the folder of a GGUF
+file, loaded through transformers' ``gguf_file``). See ``mogu.build_data`` and
+``mogu.evaluation`` for the files written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .build_data import CACHE_FILE, FILES, REPORT_FILE
+
+
+def _model_args(p: argparse.ArgumentParser, with_mogu: bool) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="local Hugging Face model folder (or the folder of --gguf-file) "
+                                                  "(required)")
+    g.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (default: none)")
+    if with_mogu:
+        g.add_argument("--mogu", default=None,
+                       help="MoGU folder (own format, folded or not, or a published release root); without it only "
+                            "the base model is evaluated (default: none)")
+    g.add_argument("--dtype", default="auto",
+                   help="float32 | bfloat16 | float16 | auto (fp32 on CPU, bf16 on CUDA) (default: %(default)s)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    g.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
+
+
+def _read_phrases(path):
+    from .build_data import read_refusals
+    return read_refusals(path)      # same layout: JSON list of strings or one per line
+
+
+def register(subparsers) -> None:
+    b = subparsers.add_parser(
+        "build-data", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="build the stage 1 pair files and stage 2 data from benign/malicious instruction lists",
+        description="Self-distillation: the base model answers every instruction (greedy, batched, cached in "
+                    f"{CACHE_FILE} so an interrupted run resumes); answers the refusal judge flags are retried "
+                    "with sampling, then dropped; refusals come from templates. Writes, in --out: "
+                    + ", ".join(FILES.values()) + f", {REPORT_FILE}.",
+        epilog="Files: unsafety_{affirm,reject}.json = malicious instructions with compliant/refusing answers "
+               "(glad, stage 1); safety_{affirm,reject}.json = benign instructions with compliant/refusing answers "
+               "(unwill, stage 1); router_data.json + router_labels.json (stage 2, 1 = malicious).\n\n"
+               "Example: mogu build-data --model $SMOL --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf "
+               "--instructions mogu/samples/instructions_train.json --out data/")
+    _model_args(b, with_mogu=False)
+    g = b.add_argument_group("data")
+    g.add_argument("--instructions", nargs="+", default=None,
+                   help="prompt files whose every row has a label benign/malicious (default: none)")
+    g.add_argument("--benign", nargs="+", default=None, help="prompt files of benign instructions (default: none)")
+    g.add_argument("--malicious", nargs="+", default=None,
+                   help="prompt files of malicious instructions (default: none)")
+    g.add_argument("--refusals", default=None,
+                   help="refusal templates: a JSON list of strings or a text file, one per line "
+                        "(default: mogu.build_data.DEFAULT_REFUSALS)")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generated answer (default: %(default)s)")
+    g.add_argument("--retries", type=int, default=2,
+                   help="sampled retries for an answer judged a refusal or empty (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.7, help="temperature of the retries (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the retries (default: %(default)s)")
+    o = b.add_argument_group("output")
+    o.add_argument("--out", required=True, help="output folder (required)")
+    o.add_argument("--overwrite", action="store_true", help="delete earlier outputs and the cache first (default: off)")
+    o.add_argument("--no-resume", action="store_true",
+                   help="refuse to run when --out holds earlier outputs (default: resume from the cache)")
+    b.set_defaults(func=run_build_data)
+
+    e = subparsers.add_parser(
+        "eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="refusal rate, attack success rate and gates, base vs MoGU, on prompt files",
+        description="Generate greedily with the base model and with MoGU (exact protocol) for every prompt, judge "
+                    "refusals with the keyword judge, record the mean gates per layer (alpha = unwill, beta = glad) "
+                    "over the prompt and the first generated tokens. Writes responses.jsonl, summary.json, "
+                    "eval_config.json and PNG plots (with matplotlib) in --out; prints a table. Resumes: rows "
+                    "already in responses.jsonl are skipped.",
+        epilog="Prompt files: .json/.jsonl rows with instruction (or prompt, goal) and an optional label, .csv with "
+               "a goal column (AdvBench/HarmBench), .txt one prompt per line.\n\n"
+               "Example: mogu eval --model $SMOL --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --mogu run/router/folded "
+               "--prompts mogu/samples/instructions_heldout.json --out eval/")
+    _model_args(e, with_mogu=True)
+    g = e.add_argument_group("prompts and judging")
+    g.add_argument("--prompts", nargs="+", default=None, help="prompt files, labels from their rows (default: none)")
+    g.add_argument("--benign", nargs="+", default=None, help="prompt files labelled benign (default: none)")
+    g.add_argument("--malicious", nargs="+", default=None, help="prompt files labelled malicious (default: none)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens per response (default: %(default)s)")
+    g.add_argument("--mogu-tokens", type=int, default=None,
+                   help="tokens decided by MoGU before the base model continues (default: the config's, 5)")
+    g.add_argument("--no-base", action="store_true", help="skip the base-model column (default: compare)")
+    g.add_argument("--refusal-phrases", default=None,
+                   help="refusal phrases of the keyword judge: JSON list or one per line "
+                        "(default: mogu.judge.DEFAULT_REFUSAL_PHRASES)")
+    g.add_argument("--judge-url", default=None,
+                   help="OpenAI-compatible endpoint for a 0..1 harmfulness score; key from $OPENAI_API_KEY "
+                        "(default: off)")
+    g.add_argument("--judge-model", default=None, help="model name for --judge-url (required with it)")
+    o = e.add_argument_group("output")
+    o.add_argument("--out", required=True, help="output folder (required)")
+    o.add_argument("--no-plots", action="store_true", help="do not write PNG plots (default: write them)")
+    o.add_argument("--overwrite", action="store_true", help="delete earlier results in --out first (default: off)")
+    o.add_argument("--no-resume", action="store_true",
+                   help="refuse to run when --out holds earlier results (default: skip done rows)")
+    e.set_defaults(func=run_eval)
+
+
+def _fail(command: str, exc: Exception) -> int:
+    print(f"mogu {command}: error: {exc}", file=sys.stderr)
+    return 1
+
+
+def run_build_data(args) -> int:
+    from .build_data import build_data
+    from .generation import load_for_inference
+    from .prompt_files import read_prompt_file
+
+    if not (args.instructions or args.benign or args.malicious):
+        return _fail("build-data", ValueError("give --instructions, or --benign and --malicious"))
+    try:
+        # Read the prompt files before loading the model: a malformed one fails fast.
+        benign = [r["instruction"] for f in args.benign or [] for r in read_prompt_file(f, label="benign")]
+        malicious = [r["instruction"] for f in args.malicious or [] for r in read_prompt_file(f, label="malicious")]
+        for f in args.instructions or []:
+            read_prompt_file(f)
+        model, tokenizer = load_for_inference(args.model, gguf_file=args.gguf_file, dtype=args.dtype,
+                                              device=args.device)
+        result = build_data(model, tokenizer, benign=benign, malicious=malicious, out=args.out,
+                            instructions=args.instructions, refusals=args.refusals,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system,
+                            retries=args.retries, temperature=args.temperature, seed=args.seed,
+                            resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        return _fail("build-data", exc)
+    c = result.report["counts"]
+    print(f"build-data: {result.report['pairs']['glad']} glad pairs, {result.report['pairs']['unwill']} unwill "
+          f"pairs, {result.report['router_rows']} router rows -> {os.path.abspath(result.out)}")
+    for label, s in c.items():
+        print(f"  {label}: {s['instructions']} instructions, {s['accepted']} compliant answers kept, "
+              f"{s['dropped']} dropped (judged refusals/empty after retries), {s['retried']} retried, "
+              f"{s['truncated']} hit --max-new-tokens")
+    return 0
+
+
+def run_eval(args) -> int:
+    from .evaluation import evaluate
+    from .generation import load_for_inference
+    from .prompt_files import read_prompt_file
+
+    if not (args.prompts or args.benign or args.malicious):
+        return _fail("eval", ValueError("give --prompts, --benign or --malicious"))
+    if args.judge_url and not args.judge_model:
+        return _fail("eval", ValueError("--judge-url needs --judge-model"))
+    try:
+        phrases = _read_phrases(args.refusal_phrases) if args.refusal_phrases else None
+        for f in (args.prompts or []) + (args.benign or []) + (args.malicious or []):
+            read_prompt_file(f)                    # malformed files fail before the model loads
+        model, tokenizer = load_for_inference(args.model, mogu_path=args.mogu, gguf_file=args.gguf_file,
+                                              dtype=args.dtype, device=args.device)
+        result = evaluate(model, tokenizer, args.prompts, out=args.out, benign=args.benign, malicious=args.malicious,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                          mogu_tokens=args.mogu_tokens, system=args.system, refusal_phrases=phrases,
+                          harm_scorer=args.judge_url, harm_model=args.judge_model, compare_base=not args.no_base,
+                          resume=not args.no_resume, overwrite=args.overwrite, plots=not args.no_plots,
+                          progress=not args.no_progress, print_summary=True)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        return _fail("eval", exc)
+    print(f"eval: {os.path.abspath(result.responses)}, {os.path.join(os.path.abspath(result.out), 'summary.json')}"
+          + (f", plots: {', '.join(os.path.basename(p) for p in result.plots)}" if result.plots else ""))
+    return 0
