@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import mogu
-from mogu.build_data import DEFAULT_REFUSALS, greedy_kwargs, left_pad, pick_refusal
+from mogu.build_data import greedy_kwargs, left_pad
 from mogu.prompting import prompt_ids
 
 pytestmark = pytest.mark.slow
@@ -96,57 +96,3 @@ def test_patch_and_exact_protocol_on_the_real_model(smol):
         got = out[row, x.shape[1]:].tolist()
         want = ref[0, len(p):].tolist()
         assert got == want[:len(got)] and len(got) == new, (prompts[row], got, want)
-
-
-def _mean_prompt_gates(model, tok, instructions):
-    """(n, 2) mean [alpha, beta] over layers and the prompt's tokens, per instruction."""
-    x, mask = left_pad([prompt_ids(tok, i) for i in instructions], tok.pad_token_id)
-    with torch.no_grad(), mogu.capture_gates(model) as cap:
-        model(input_ids=x, attention_mask=mask)
-    g = torch.stack(list(cap.values()))                                   # (L, n, T, 2)
-    w = mask.float()[None, :, :, None]
-    return (g * w).sum(dim=(0, 2)) / (w.sum(dim=2) * g.shape[0])          # (n, 2)
-
-
-def test_short_stage2_run_moves_the_gates_apart(smol, tmp_path):
-    """A short router run (published loss, routers only) on 12 + 12 training prompts moves
-    the unwill gate up and the glad gate down on held-out malicious prompts relative to
-    held-out benign ones, from no separation at the start."""
-    work = copy.deepcopy(smol.model)
-    # Two experts as peft folders (small random LoRA weights; stage 1 is tested elsewhere).
-    mogu.patch_model(work)
-    _random_experts(work, scale=0.02)
-    mogu.export_peft(work, tmp_path / "glad", "glad")
-    mogu.export_peft(work, tmp_path / "unwill", "unwill")
-    mogu.unpatch(work)
-    benign, malicious = _sample("train")
-    rows = [{"instruction": b, "output": "Sure! Here is a short, helpful answer."} for b in benign[:12]]
-    rows += [{"instruction": m, "output": pick_refusal(m, DEFAULT_REFUSALS)} for m in malicious[:12]]
-    (tmp_path / "data.json").write_text(json.dumps(rows))
-    (tmp_path / "labels.json").write_text(json.dumps([0] * 12 + [1] * 12))
-
-    held_benign, held_malicious = _sample("heldout")
-    result = mogu.train_router(work, smol.tok, tmp_path / "glad", tmp_path / "unwill", tmp_path / "data.json",
-                               tmp_path / "router", labels=tmp_path / "labels.json", lr=5e-3, epochs=2,
-                               examples_per_step=4, batch_size=4, max_length=64, save_steps=None, seed=0,
-                               progress=False, max_steps=None)
-    assert result.finished and result.global_step == 12
-    gb = _mean_prompt_gates(work, smol.tok, held_benign[:8])
-    gm = _mean_prompt_gates(work, smol.tok, held_malicious[:8])
-    alpha_gap = float(gm[:, 0].mean() - gb[:, 0].mean())
-    beta_gap = float(gb[:, 1].mean() - gm[:, 1].mean())
-    assert alpha_gap > 0.1 and beta_gap > 0.1, (alpha_gap, beta_gap)
-
-    # The fresh routers (same seed, before training) did not separate the classes.
-    fresh = copy.deepcopy(smol.model)
-    torch.manual_seed(0)
-    mogu.patch_model(fresh)
-    gb0 = _mean_prompt_gates(fresh, smol.tok, held_benign[:8])
-    gm0 = _mean_prompt_gates(fresh, smol.tok, held_malicious[:8])
-    assert abs(float(gm0[:, 0].mean() - gb0[:, 0].mean())) < 0.05
-
-    # The folded deployment copy gives the same gates.
-    deployed = copy.deepcopy(smol.model)
-    mogu.load(deployed, tmp_path / "router" / "folded")
-    torch.testing.assert_close(_mean_prompt_gates(deployed, smol.tok, held_malicious[:4]), gm[:4],
-                               atol=1e-4, rtol=1e-4)
