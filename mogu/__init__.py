@@ -7,6 +7,8 @@
     with mogu.capture_gates(model) as gates: ... # module name -> (..., 2) [unwill, glad]
     mogu.generate(model, input_ids, max_new_tokens=64)   # published protocol, cached (= model.generate)
     mogu.train_expert(...), mogu.train_router(...)        # the two training stages (mogu.training)
+    mogu.build_data(model, tok, benign=..., malicious=..., out=...)   # training data (mogu.data_building)
+    mogu.evaluate(model, tok, ["prompts.json"], out=...)  # refusals, ASR, gates (mogu.evaluation)
 """
 from .checkpoint import export_peft, from_pretrained, load, load_official, save_pretrained
 from .config import EXPERTS, FAMILY_TARGETS, MoGUConfig
@@ -14,6 +16,8 @@ from .generation import PROTOCOLS, generate, install_generate, load_for_inferenc
 from .layer import MODES, MoGULinear, RouterHead
 from .prompting import format_chat, format_prompt
 from .training import train_expert, train_router
+from .data_building import build_data
+from .evaluation import evaluate
 from .patching import (capture_gates, fold_routers, get_mode, is_patched, mode, patch_model,
                        patched_modules, set_mode, unpatch)
 
@@ -24,5 +28,5 @@ __all__ = [
     "load", "load_official", "save_pretrained", "from_pretrained", "export_peft",
     "generate", "PROTOCOLS", "install_generate", "uninstall_generate", "load_for_inference",
     "format_prompt", "format_chat",
-    "train_expert", "train_router",
+    "train_expert", "train_router", "build_data", "evaluate",
 ]

@@ -4,7 +4,7 @@
     mogu eval       --model DIR [--gguf-file F] [--mogu DIR] (--prompts F | --benign F | --malicious F) --out DIR
 
 ``--model`` is a local Hugging Face model folder (with ``--gguf-file``, the folder of a GGUF
-file, loaded through transformers' ``gguf_file``). See ``mogu.build_data`` and
+file, loaded through transformers' ``gguf_file``). See ``mogu.data_building`` and
 ``mogu.evaluation`` for the files written.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from .build_data import CACHE_FILE, FILES, REPORT_FILE
+from .data_building import CACHE_FILE, FILES, REPORT_FILE
 
 
 def _model_args(p: argparse.ArgumentParser, with_mogu: bool) -> None:
@@ -34,7 +34,7 @@ def _model_args(p: argparse.ArgumentParser, with_mogu: bool) -> None:
 
 
 def _read_phrases(path):
-    from .build_data import read_refusals
+    from .data_building import read_refusals
     return read_refusals(path)      # same layout: JSON list of strings or one per line
 
 
@@ -60,7 +60,7 @@ def register(subparsers) -> None:
                    help="prompt files of malicious instructions (default: none)")
     g.add_argument("--refusals", default=None,
                    help="refusal templates: a JSON list of strings or a text file, one per line "
-                        "(default: mogu.build_data.DEFAULT_REFUSALS)")
+                        "(default: mogu.data_building.DEFAULT_REFUSALS)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generated answer (default: %(default)s)")
     g.add_argument("--retries", type=int, default=2,
                    help="sampled retries for an answer judged a refusal or empty (default: %(default)s)")
@@ -116,7 +116,7 @@ def _fail(command: str, exc: Exception) -> int:
 
 
 def run_build_data(args) -> int:
-    from .build_data import build_data
+    from .data_building import build_data
     from .generation import load_for_inference
     from .prompt_files import read_prompt_file
 

@@ -49,7 +49,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .build_data import cut_answer, eos_ids, greedy_kwargs, left_pad
+from .data_building import cut_answer, eos_ids, greedy_kwargs, left_pad
 from .data import pad_id_of
 from .judge import HarmScorer, Judgement, KeywordJudge, openai_harm_scorer
 from .prompt_files import read_prompt_file

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import mogu
-from mogu import build_data as build_data_module
+from mogu import data_building as build_data_module
 from mogu import evaluation
-from mogu.build_data import DEFAULT_REFUSALS, FILES, build_data, pick_refusal
+from mogu.data_building import DEFAULT_REFUSALS, FILES, build_data, pick_refusal
 from mogu.cli import main
 from mogu.data import load_labelled, load_pairs
 from mogu.evaluation import evaluate
@@ -111,6 +111,7 @@ def test_build_data_cli_writes_the_published_files(tiny, tmp_path, capsys):
 
 
 def test_refusal_templates_are_varied_deterministic_and_judged_refusals():
+    assert mogu.build_data is build_data and mogu.evaluate is evaluate          # the package-level API
     judge = KeywordJudge()
     assert len(set(DEFAULT_REFUSALS)) >= 5
     assert all(judge(r).refused for r in DEFAULT_REFUSALS)
