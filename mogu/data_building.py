@@ -240,8 +240,27 @@ def _write_json(path: str, value) -> None:
     os.replace(tmp, path)
 
 
-def _model_name(model: nn.Module) -> str:
+def model_name(model: nn.Module) -> str:
+    """The model's ``config._name_or_path`` (or its class name): recorded in settings so a
+    resumed run can tell it is continuing with the same model."""
     return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+
+
+def claim_output_folder(out, owned: Sequence[str], *, overwrite: bool, resume: bool, caller: str,
+                        resume_means: str) -> str:
+    """Create ``out`` and settle the files of ``owned`` already in it: overwrite deletes
+    them (only them), resume keeps them, neither raises FileExistsError naming them.
+    ``caller`` and ``resume_means`` word that error. Returns ``out`` as a str."""
+    out = os.fspath(out)
+    os.makedirs(out, exist_ok=True)
+    present = [f for f in owned if os.path.exists(os.path.join(out, f))]
+    if present and overwrite:
+        for f in present:
+            os.remove(os.path.join(out, f))
+    elif present and not resume:
+        raise FileExistsError(f"{caller}: {out} already holds {present}; pass resume=True ({resume_means}) or "
+                              f"overwrite=True (start again)")
+    return out
 
 
 # ------------------------------------------------------------------ cache
@@ -381,17 +400,9 @@ def build_data(model: nn.Module, tokenizer, benign: Instructions = None, malicio
     if not counts["benign"] or not counts["malicious"]:
         raise ValueError(f"build_data: needs both benign and malicious instructions, got {counts}")
 
-    out = os.fspath(out)
-    os.makedirs(out, exist_ok=True)
-    present = [f for f in OWNED_FILES if os.path.exists(os.path.join(out, f))]
-    if present and overwrite:
-        for f in present:
-            os.remove(os.path.join(out, f))
-    elif present and not resume:
-        raise FileExistsError(f"build_data: {out} already holds {present}; pass resume=True (reuse the cached "
-                              f"answers) or overwrite=True (start again)")
-
-    settings = dict(model=_model_name(model), max_new_tokens=max_new_tokens, system=system, temperature=temperature,
+    out = claim_output_folder(out, OWNED_FILES, overwrite=overwrite, resume=resume, caller="build_data",
+                              resume_means="reuse the cached answers")
+    settings = dict(model=model_name(model), max_new_tokens=max_new_tokens, system=system, temperature=temperature,
                     top_p=top_p, seed=seed, generation_kwargs=generation_kwargs or {})
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     cache = _Cache(os.path.join(out, CACHE_FILE), key)

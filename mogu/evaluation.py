@@ -49,7 +49,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .data_building import cut_answer, eos_ids, greedy_kwargs, left_pad
+from .data_building import claim_output_folder, cut_answer, eos_ids, greedy_kwargs, left_pad, model_name
 from .data import pad_id_of
 from .judge import HarmScorer, Judgement, KeywordJudge, openai_harm_scorer
 from .prompt_files import read_prompt_file
@@ -443,18 +443,10 @@ def evaluate(model: nn.Module, tokenizer, prompt_files: PromptFiles = None, *, o
     paths = list(dict.fromkeys(os.path.abspath(p) for p, _ in files))
     names = _display_names(paths)
 
-    out = os.fspath(out)
-    os.makedirs(out, exist_ok=True)
-    present = [f for f in OWNED_FILES if os.path.exists(os.path.join(out, f))]
-    if present and overwrite:
-        for f in present:
-            os.remove(os.path.join(out, f))
-    elif present and not resume:
-        raise FileExistsError(f"evaluate: {out} already holds {present}; pass resume=True (skip done rows) or "
-                              f"overwrite=True (start again)")
+    out = claim_output_folder(out, OWNED_FILES, overwrite=overwrite, resume=resume, caller="evaluate",
+                              resume_means="skip done rows")
     settings = {"max_new_tokens": max_new_tokens, "mogu_tokens": mogu_tokens if patched else None,
-                "system": system, "protocol": "exact", "decoding": "greedy",
-                "model": str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)}
+                "system": system, "protocol": "exact", "decoding": "greedy", "model": model_name(model)}
     config_path = os.path.join(out, CONFIG_FILE)
     if os.path.exists(config_path):
         with open(config_path, encoding="utf-8") as f:
