@@ -9,6 +9,8 @@
     mogu.train_expert(...), mogu.train_router(...)        # the two training stages (mogu.training)
     mogu.build_data(model, tok, benign=..., malicious=..., out=...)   # training data (mogu.data_building)
     mogu.evaluate(model, tok, ["prompts.json"], out=...)  # refusals, ASR, gates (mogu.evaluation)
+    mogu.calibrate(model, tok, ["val.jsonl"], out=..., mogu_dir=...)   # the usability/safety dial
+    mogu.probe_layers(model, tok, train, heldout)          # MoGU v2 layer selection (mogu.probing)
 """
 from .checkpoint import export_peft, from_pretrained, load, load_official, save_pretrained
 from .config import EXPERTS, FAMILY_TARGETS, MoGUConfig
@@ -19,14 +21,16 @@ from .training import train_expert, train_router
 from .data_building import build_data
 from .evaluation import evaluate
 from .patching import (capture_gates, fold_routers, get_mode, is_patched, mode, patch_model,
-                       patched_modules, set_mode, unpatch)
+                       patched_modules, router_offset, set_mode, set_router_offset, unpatch)
+from .calibration import calibrate
+from .probing import probe_layers, select_layers
 
 __all__ = [
     "MoGUConfig", "MoGULinear", "RouterHead", "EXPERTS", "FAMILY_TARGETS", "MODES",
     "patch_model", "unpatch", "is_patched", "patched_modules", "set_mode", "get_mode", "mode",
-    "capture_gates", "fold_routers",
+    "capture_gates", "fold_routers", "set_router_offset", "router_offset",
     "load", "load_official", "save_pretrained", "from_pretrained", "export_peft",
     "generate", "PROTOCOLS", "install_generate", "uninstall_generate", "load_for_inference",
     "format_prompt", "format_chat",
-    "train_expert", "train_router", "build_data", "evaluate",
+    "train_expert", "train_router", "build_data", "evaluate", "calibrate", "probe_layers", "select_layers",
 ]

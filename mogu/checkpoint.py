@@ -199,6 +199,7 @@ def _apply(model: nn.Module, config: MoGUConfig, experts, routers, folded=None) 
                 heads.load_state_dict(routers[name], strict=True)
             if folded is not None:
                 layer.set_folded_router(*folded[name])
+            layer.router_offset = config.router_offset
         model.mogu_config = config
     except BaseException:
         if newly_patched:
@@ -256,6 +257,14 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    """Write a UTF-8 text file atomically (temporary file in the same folder + rename)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    _atomic_write(path, write)
+
+
 def save_pretrained(model: nn.Module, directory, folded: bool = False) -> None:
     """Save the MoGU parameters of a patched model to ``directory``.
 
@@ -289,8 +298,7 @@ def save_pretrained(model: nn.Module, directory, folded: bool = False) -> None:
             "modules": list(layers), "config": config.to_dict()}
     _atomic_write(os.path.join(directory, OWN_WEIGHTS),
                   lambda p: save_file(tensors, p, metadata={"format": FORMAT_NAME}))
-    _atomic_write(os.path.join(directory, OWN_CONFIG),
-                  lambda p: open(p, "w", encoding="utf-8").write(json.dumps(meta, indent=2) + "\n"))
+    atomic_write_text(os.path.join(directory, OWN_CONFIG), json.dumps(meta, indent=2) + "\n")
 
 
 def from_pretrained(model: nn.Module, directory) -> nn.Module:

@@ -66,6 +66,8 @@ class MoGULinear(nn.Module):
     module docstring for the state and the modes. Attributes set from outside:
 
     mode: one of MODES.
+    router_offset: the usability/safety dial d (float): the router logits become
+        [unwill - d, glad + d] before the sigmoid (``MoGUConfig.router_offset``).
     base_rows: None or a bool tensor shaped x.shape[:-1]; True rows run as plain base
         inside the same fused call (used by generation to batch MoGU and base rows).
     gate_sink: None or a callable(gates (..., 2)) receiving every forward's gates
@@ -87,6 +89,8 @@ class MoGULinear(nn.Module):
         self._base_forward: Callable = type(base_layer).forward
         self.out_features, self.in_features = weight.shape
         self.mode = "mogu"
+        self.router_offset = float(config.router_offset)   # the dial: -d unwill, +d glad logits
+        self._offset_bias: Optional[Tuple[float, torch.Tensor]] = None
         self.base_rows: Optional[torch.Tensor] = None
         self.gate_sink: Optional[Callable[[torch.Tensor], None]] = None
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
@@ -160,6 +164,15 @@ class MoGULinear(nn.Module):
                 self._fold_cache = (key, self._fold_heads())
         return self._fold_cache[1]
 
+    def _offset_vector(self, like: torch.Tensor) -> torch.Tensor:
+        """(2,) fp32 [-d, +d] for the current ``router_offset`` d, cached per value/device."""
+        d = self.router_offset
+        cached = self._offset_bias
+        if cached is None or cached[0] != d or cached[1].device != like.device:
+            vec = torch.tensor([-d, d], dtype=torch.float32, device=like.device)
+            self._offset_bias = cached = (d, vec)
+        return cached[1]
+
     def _fold_heads(self) -> Tuple[torch.Tensor, torch.Tensor]:
         (v_u, c_u), (v_g, c_g) = self.alpha_.folded(), self.beta_.folded()
         return torch.stack([v_u, v_g]), torch.stack([c_u, c_g])
@@ -177,6 +190,8 @@ class MoGULinear(nn.Module):
             delta = F.linear(F.linear(self.lora_dropout(x), lora_A[e]), lora_B[e])
             return self._base_forward(self, x) + self.scaling * delta
         router_weight, router_bias = self.router_vectors()
+        if self.router_offset:
+            router_bias = router_bias + self._offset_vector(router_bias)
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
             y, gates = self._forward_with_dropout(x, lora_A, lora_B, router_weight, router_bias)
         else:
@@ -209,4 +224,4 @@ class MoGULinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha:g}, router={'folded' if self.is_folded else self.router_hidden}, "
-                f"mode={self.mode!r}")
+                f"mode={self.mode!r}" + (f", router_offset={self.router_offset:g}" if self.router_offset else ""))

@@ -32,8 +32,26 @@ def _model_type(model: nn.Module) -> Optional[str]:
 def find_targets(model: nn.Module, config: MoGUConfig) -> List[Tuple[str, nn.Module]]:
     """The (name, module) pairs ``patch_model`` would wrap; ValueError if there are none.
 
-    A module matches a target suffix t when its name is t or ends with "." + t.
+    A module matches a target suffix t when its name is t or ends with "." + t. With
+    ``config.layers`` only those indices of the matches (in model order) are returned.
     """
+    found = all_targets(model, config)
+    if config.auto_layers is not None:
+        raise ValueError(f"MoGU: layers={config.layers!r} is not resolved yet; pick the layers with "
+                         f"mogu.select_layers(model, tokenizer, config, benign=..., malicious=...) (or pass the "
+                         f"data to training, which does it) before patching")
+    if config.layers is not None:
+        bad = [i for i in config.layers if i >= len(found)]
+        if bad:
+            raise ValueError(f"MoGU: layers={config.layers} names indices {bad} but the model has only "
+                             f"{len(found)} target modules (0 .. {len(found) - 1})")
+        found = [found[i] for i in config.layers]
+    return found
+
+
+def all_targets(model: nn.Module, config: MoGUConfig) -> List[Tuple[str, nn.Module]]:
+    """Every (name, module) matching the config's target suffixes, ignoring ``config.layers``
+    (layer i of ``config.layers`` is element i of this list). ValueError if none match."""
     targets = config.resolve_targets(_model_type(model))
     found = [(n, m) for n, m in model.named_modules()
              if n and any(n == t or n.endswith("." + t) for t in targets)]
@@ -76,6 +94,7 @@ def patch_model(model: nn.Module, config: Optional[MoGUConfig] = None) -> nn.Mod
     for n, w in wrapped:
         _set_submodule(model, n, w)
     model.mogu_config = config
+    set_router_offset(model, config.router_offset)
     from .generation import install_generate     # lazy: mogu.generation imports this module
     install_generate(model)                      # model.generate follows the MoGU protocol
     return model
@@ -163,6 +182,31 @@ def capture_gates(model: nn.Module) -> Iterator[Dict[str, torch.Tensor]]:
     finally:
         for n, layer in layers.items():
             layer.gate_sink = previous[n]
+
+
+def set_router_offset(model: nn.Module, offset: float) -> None:
+    """Set the usability/safety dial on every patched layer and in ``model.mogu_config``.
+
+    offset d: each router's unwill logit gets -d and its glad logit +d (see
+    ``MoGUConfig.router_offset``); ``mogu.save_pretrained`` stores it with the weights.
+    """
+    layers = _require_patched(model, "mogu.set_router_offset")
+    config = MoGUConfig(**{**model.mogu_config.to_dict(), "router_offset": offset})   # validates
+    for layer in layers.values():
+        layer.router_offset = config.router_offset
+    model.mogu_config = config
+
+
+@contextlib.contextmanager
+def router_offset(model: nn.Module, offset: float) -> Iterator[nn.Module]:
+    """Context manager: run the block with the dial at ``offset``, restore it after."""
+    _require_patched(model, "mogu.router_offset")
+    previous = model.mogu_config.router_offset
+    set_router_offset(model, offset)
+    try:
+        yield model
+    finally:
+        set_router_offset(model, previous)
 
 
 def fold_routers(model: nn.Module) -> nn.Module:

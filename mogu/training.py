@@ -44,6 +44,7 @@ import os
 import shutil
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 
 from . import data as mdata
 from .config import EXPERTS, ROUTER_HEADS, MoGUConfig
-from .patching import is_patched, patch_model, patched_modules
+from .patching import find_targets, is_patched, patch_model, patched_modules
 
 # Published defaults (DESIGN.md section 1), shared with the CLI's --help.
 EXPERT_DEFAULTS = dict(r=8, lora_alpha=16.0, lora_dropout=0.05, lr=5e-5, pairs_per_step=8, epochs=10)
@@ -236,7 +237,28 @@ def _expert_config(model: nn.Module, glad, unwill, base: Optional[MoGUConfig]) -
                          f"unwill {unwill}: {key['unwill']})")
     r, alpha = key["glad"]
     dropout = float(cfg["unwill"].get("lora_dropout", base.lora_dropout))
-    return MoGUConfig(**{**base.to_dict(), "r": r, "lora_alpha": alpha, "lora_dropout": dropout})
+    config = MoGUConfig(**{**base.to_dict(), "r": r, "lora_alpha": alpha, "lora_dropout": dropout})
+    if config.layers is None and not is_patched(model):
+        config = MoGUConfig(**{**config.to_dict(), "layers": _adapter_layers(model, config, glad)})
+    return config
+
+
+def _adapter_layers(model: nn.Module, config: MoGUConfig, folder) -> Optional[List[int]]:
+    """The target-module indices an adapter folder covers, or None when it covers them all
+    (experts trained with ``layers=`` carry LoRA on those layers only)."""
+    from .checkpoint import _PEFT_KEY, _match_module, _read_adapter
+    from .patching import all_targets
+
+    names = [n for n, _ in all_targets(model, config)]
+    index = {n: i for i, n in enumerate(names)}
+    modules = OrderedDict((n, None) for n in names)
+    covered = set()
+    for key in _read_adapter(folder, "glad")[1]:
+        m = _PEFT_KEY.match(key)
+        target = _match_module(m.group("module"), modules) if m else None
+        if target is not None:
+            covered.add(index[target])
+    return None if not covered or len(covered) == len(names) else sorted(covered)
 
 
 def _router_file_hidden(path) -> int:
@@ -265,6 +287,7 @@ class _Stage:
     save_final: Callable[[nn.Module, str], None]
     class_stats: Tuple[str, ...] = ()            # metrics also split by label (stage 2)
     rows_per_example: int = 1                    # batch rows per example (a stage-1 pair is 2 rows)
+    param_groups: Optional[List[Dict[str, Any]]] = None   # AdamW groups over params (per-group lr), or None
 
 
 def _check_positive(name: str, value, allow_none: bool = False) -> None:
@@ -387,7 +410,7 @@ def _run(stage: _Stage, args: Dict[str, Any], out: str, *, accelerator, checkpoi
             raise ValueError(f"resume: {checkpoint} was written by {state['num_processes']} processes, now {nproc} "
                              f"(the data position depends on it)")
 
-    optimizer = torch.optim.AdamW(stage.params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(stage.param_groups or stage.params, lr=lr, weight_decay=weight_decay)
     model, optimizer = accelerator.prepare(stage.model, optimizer)
     if checkpoint is not None:
         optimizer.load_state_dict(torch.load(os.path.join(checkpoint, OPTIMIZER_FILE), map_location="cpu",
@@ -625,7 +648,7 @@ def _adapter_fingerprint(folder) -> Optional[str]:
 def train_expert(model: nn.Module, tokenizer, expert: str, affirm, reject, out, *,
                  r: int = EXPERT_DEFAULTS["r"], lora_alpha: float = EXPERT_DEFAULTS["lora_alpha"],
                  lora_dropout: float = EXPERT_DEFAULTS["lora_dropout"], target_modules: Optional[List[str]] = None,
-                 lr: float = EXPERT_DEFAULTS["lr"], pairs_per_step: int = EXPERT_DEFAULTS["pairs_per_step"],
+                 layers: Optional[List[int]] = None, lr: float = EXPERT_DEFAULTS["lr"], pairs_per_step: int = EXPERT_DEFAULTS["pairs_per_step"],
                  batch_size: int = COMMON_DEFAULTS["batch_size"], epochs: int = EXPERT_DEFAULTS["epochs"],
                  max_steps: Optional[int] = None, max_length: int = COMMON_DEFAULTS["max_length"],
                  system: Optional[str] = None, save_steps: Optional[int] = COMMON_DEFAULTS["save_steps"],
@@ -648,6 +671,8 @@ def train_expert(model: nn.Module, tokenizer, expert: str, affirm, reject, out, 
         ``mogu.load_official(glad=..., unwill=...)`` read it) plus log and checkpoints.
     r, lora_alpha, lora_dropout, target_modules: the LoRA (default target: the family's
         attention output projection, ``mogu.FAMILY_TARGETS``).
+    layers: only these target-module indices get LoRA (``MoGUConfig.layers``; resolve
+        ``"auto:K"`` first with ``mogu.select_layers``); None = every target module.
     lr, pairs_per_step, batch_size, epochs, weight_decay, max_grad_norm: AdamW at lr, one
         step per pairs_per_step pairs (a multiple of batch_size, the pairs per forward).
     max_steps: stop after this many optimizer steps in total (None: all epochs).
@@ -678,13 +703,15 @@ def train_expert(model: nn.Module, tokenizer, expert: str, affirm, reject, out, 
     _check_positive("save_steps", save_steps, allow_none=True)
     MoGUConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)          # validates r, dropout
     targets = MoGUConfig(target_modules=target_modules).resolve_targets(getattr(model.config, "model_type", None))
+    if layers is not None:       # peft takes exact module names: only the chosen layers
+        targets = [n for n, _ in find_targets(model, MoGUConfig(target_modules=target_modules, layers=layers))]
 
     pairs = mdata.load_pairs(affirm, reject)                                   # DataError: nothing written yet
     features = mdata.tokenize_pairs(tokenizer, pairs, max_length, system)
     out = os.fspath(out)
     args = dict(stage="expert", expert=expert, data=_fingerprints(affirm=affirm, reject=reject), affirm=os.fspath(affirm),
                 reject=os.fspath(reject), r=int(r), lora_alpha=float(lora_alpha), lora_dropout=float(lora_dropout),
-                target_modules=targets, lr=lr, per_step=pairs_per_step, batch_size=batch_size, epochs=epochs,
+                target_modules=targets, layers=layers, lr=lr, per_step=pairs_per_step, batch_size=batch_size, epochs=epochs,
                 max_steps=max_steps, max_length=max_length, system=system, save_steps=save_steps, seed=seed,
                 shuffle=shuffle, weight_decay=weight_decay, max_grad_norm=max_grad_norm, bf16=bool(bf16),
                 gradient_checkpointing=bool(gradient_checkpointing), examples=len(features))
@@ -730,6 +757,7 @@ def train_expert(model: nn.Module, tokenizer, expert: str, affirm, reject, out, 
 # ================================================================= stage 2
 def train_router(model: nn.Module, tokenizer, glad, unwill, data, out, labels=None, *, router=None,
                  router_hidden: Optional[int] = None, target_modules: Optional[List[str]] = None,
+                 layers: Optional[List[int]] = None, joint: bool = False, expert_lr: Optional[float] = None,
                  lam: float = ROUTER_DEFAULTS["lam"], lr: float = ROUTER_DEFAULTS["lr"],
                  examples_per_step: int = ROUTER_DEFAULTS["examples_per_step"],
                  batch_size: int = COMMON_DEFAULTS["batch_size"], epochs: int = ROUTER_DEFAULTS["epochs"],
@@ -753,6 +781,10 @@ def train_router(model: nn.Module, tokenizer, glad, unwill, data, out, labels=No
         ``folded/`` (deployment copy), log and checkpoints.
     router: optional published router file (``<step>_router.pth``) to start from.
     router_hidden: width of fresh router heads (default 512, the published width).
+    layers: the target-module indices that carry MoGU (``MoGUConfig.layers``; the experts
+        must have been trained on the same layers); None = the model's config, else all.
+    joint: MoGU v2's joint adaptation: the two experts train together with the routers
+        in this stage (on the same CE + gate loss), at ``expert_lr`` (default ``lr``).
     lam: weight of the gate loss. lr, examples_per_step (accumulation), batch_size,
         epochs, weight_decay, max_grad_norm: AdamW over the router heads only.
     expert_dropout: LoRA dropout on the frozen experts during this stage. 0 (default)
@@ -781,7 +813,15 @@ def train_router(model: nn.Module, tokenizer, glad, unwill, data, out, labels=No
 
     examples = mdata.load_labelled(data, labels)                            # DataError: nothing written yet
     features = mdata.tokenize_labelled(tokenizer, examples, max_length, system)
-    config = _expert_config(model, glad, unwill, MoGUConfig(target_modules=target_modules) if target_modules else None)
+    if expert_lr is not None and not joint:
+        raise ValueError("train_router: expert_lr is only used with joint=True")
+    _check_positive("expert_lr", expert_lr, allow_none=True)
+    base = None
+    if target_modules or layers is not None:
+        base = MoGUConfig(target_modules=target_modules, layers=layers)
+    config = _expert_config(model, glad, unwill, base)
+    if config.auto_layers is not None:
+        raise ValueError(f"train_router: layers={config.layers!r} must be resolved first (mogu.select_layers)")
     hidden = _router_file_hidden(router) if router is not None else None
     if is_patched(model):
         current = next(iter(patched_modules(model).values())).router_hidden
@@ -796,7 +836,8 @@ def train_router(model: nn.Module, tokenizer, glad, unwill, data, out, labels=No
                 labels_file=None if labels is None else os.fspath(labels), glad=_adapter_fingerprint(glad),
                 unwill=_adapter_fingerprint(unwill),
                 router=None if router is None else mdata.file_fingerprint(router), router_hidden=int(hidden),
-                target_modules=config.target_modules, lam=lam, lr=lr, per_step=examples_per_step,
+                target_modules=config.target_modules, layers=config.layers, joint=bool(joint),
+                expert_lr=expert_lr if joint else None, lam=lam, lr=lr, per_step=examples_per_step,
                 batch_size=batch_size, epochs=epochs, max_steps=max_steps, max_length=max_length, system=system,
                 expert_dropout=float(expert_dropout), save_steps=save_steps, seed=seed, shuffle=shuffle,
                 weight_decay=weight_decay, max_grad_norm=max_grad_norm, bf16=bool(bf16),
@@ -822,13 +863,17 @@ def train_router(model: nn.Module, tokenizer, glad, unwill, data, out, labels=No
         _cast_base(model, layers, torch.bfloat16)
 
     heads = [p for layer in layers.values() for h in ROUTER_HEADS for p in getattr(layer, h).parameters()]
+    experts = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)] if joint else []
+    groups = None
+    if joint:
+        groups = [{"params": heads}, {"params": experts, "lr": expert_lr if expert_lr is not None else lr}]
     previous = {n: (layer.mode, layer.lora_dropout) for n, layer in layers.items()}
     collector = GateCollector(model)
     with _training_state(model, gradient_checkpointing):
         try:
             for p in model.parameters():
                 p.requires_grad_(False)
-            for p in heads:
+            for p in heads + experts:
                 p.requires_grad_(True)
             for layer in layers.values():
                 layer.mode = "mogu"
@@ -840,7 +885,7 @@ def train_router(model: nn.Module, tokenizer, glad, unwill, data, out, labels=No
                 save_pretrained(m, os.path.join(d, FOLDED_DIR), folded=True)
 
             stage = _Stage(
-                name="router", model=model, params=heads, features=features,
+                name="router", model=model, params=heads + experts, param_groups=groups, features=features,
                 collate=mdata.LabelledCollator(mdata.pad_id_of(tokenizer)),
                 loss=lambda m, b: router_loss(m, b, collector, lam),
                 stat_names=("ce", "gate_mse", "alpha", "beta"), class_stats=("alpha", "beta"),

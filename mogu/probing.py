@@ -1,0 +1,259 @@
+"""Layer selection (MoGU v2): which layers' activations tell benign from malicious prompts.
+
+MoGU v2 (arXiv 2509.06807) puts routers only in the layers whose hidden states separate
+benign from malicious requests. :func:`probe_layers` measures that separation at the
+projection MoGU adapts: for every target module (e.g. each layer's ``o_proj``) it takes
+the module's *input* on each prompt, pooled into one feature vector per prompt
+([mean over the prompt's tokens, last prompt token], 2K numbers), fits an L2-regularised
+logistic-regression probe on the ``train`` prompts and scores its accuracy on the
+``heldout`` prompts. Layers are ranked by held-out accuracy (ties: higher held-out
+log-likelihood). :func:`select_layers` turns ``MoGUConfig(layers="auto:K")`` into the K
+best layer indices.
+
+The probe's maths is in :func:`probe_accuracy` (pure tensors, tested on synthetic
+activations); :func:`layer_features` does the forward passes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import atomic_write_text
+from .config import MoGUConfig
+from .data_building import left_pad
+from .data import pad_id_of
+from .patching import all_targets, is_patched, mode, patched_modules
+from .prompt_files import read_prompt_file
+from .prompting import encode_prompt, format_prompt
+
+PROBE_FILE = "probe.json"
+PROBE_PLOT = "probe.png"
+
+Rows = Union[str, os.PathLike, Sequence[Union[str, os.PathLike, Dict]]]
+
+
+@dataclass
+class ProbeResult:
+    """modules: target module names in layer order; accuracy / train_accuracy /
+    heldout_nll: per layer; ranking: layer indices, best first; files written."""
+    modules: List[str]
+    accuracy: List[float]
+    train_accuracy: List[float]
+    heldout_nll: List[float]
+    ranking: List[int]
+    n_train: int
+    n_heldout: int
+    files: List[str] = field(default_factory=list)
+
+    def best(self, k: int) -> List[int]:
+        """The k best layer indices, ascending."""
+        if not 1 <= k <= len(self.ranking):
+            raise ValueError(f"probe: k must be in 1 .. {len(self.ranking)}, got {k}")
+        return sorted(self.ranking[:k])
+
+
+def _rows(value: Rows, what: str) -> List[Dict]:
+    """Labelled rows {"instruction", "label", "system"?} from prompt files or dicts."""
+    items = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+    rows: List[Dict] = []
+    for item in items:
+        if isinstance(item, dict):
+            rows.append(item)
+        else:
+            rows += read_prompt_file(item)
+    for i, r in enumerate(rows):
+        if r.get("label") not in ("benign", "malicious"):
+            raise ValueError(f"probe_layers: {what} row {i} ({str(r.get('instruction'))[:50]!r}) needs a label "
+                             f"benign/malicious, got {r.get('label')!r}")
+    labels = {r["label"] for r in rows}
+    if labels != {"benign", "malicious"}:
+        raise ValueError(f"probe_layers: {what} needs both benign and malicious rows, got only {sorted(labels)}")
+    return rows
+
+
+def _probe_modules(model: nn.Module, config: Optional[MoGUConfig]) -> List[Tuple[str, nn.Module]]:
+    """Every target module (all layers, selected or not), patched or plain."""
+    if is_patched(model):
+        patched = patched_modules(model)
+        targets = (config or model.mogu_config).resolve_targets(getattr(model.config, "model_type", None))
+        return [(n, m) for n, m in model.named_modules()
+                if n and any(n == t or n.endswith("." + t) for t in targets)
+                and (n in patched or isinstance(m, nn.Linear))]
+    return all_targets(model, config or MoGUConfig())
+
+
+@torch.no_grad()
+def layer_features(model: nn.Module, tokenizer, rows: Sequence[Dict], *, config: Optional[MoGUConfig] = None,
+                   system: Optional[str] = None, batch_size: int = 8, progress: bool = False
+                   ) -> Tuple[List[str], torch.Tensor]:
+    """Pooled inputs of every target module: (module names, features (L, n, 2K) fp32 CPU).
+
+    Feature of prompt j at layer l: [mean over its tokens, its last token] of the input
+    to target module l. A row's own "system" wins over ``system``. A patched model runs
+    in mode "base" (the features are the base model's).
+    """
+    from tqdm.auto import tqdm
+
+    modules = _probe_modules(model, config)
+    pad = pad_id_of(tokenizer)
+    device = next(model.parameters()).device
+    ids = [encode_prompt(tokenizer, format_prompt(tokenizer, r["instruction"], r.get("system") or system))
+           for r in rows]
+    feats: List[List[torch.Tensor]] = [[] for _ in modules]
+    current: Dict[int, torch.Tensor] = {}
+
+    def hook_for(l):
+        def hook(module, args):
+            current[l] = args[0].detach()
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(l)) for l, (_, m) in enumerate(modules)]
+    was_training = model.training
+    model.eval()
+    ctx = mode(model, "base") if is_patched(model) else contextlib.nullcontext()
+    try:
+        with ctx:
+            for start in tqdm(range(0, len(ids), batch_size), desc="probe: activations", unit="batch",
+                              disable=not progress):
+                input_ids, mask = left_pad(ids[start:start + batch_size], pad, device)
+                current.clear()
+                model(input_ids=input_ids, attention_mask=mask)
+                w = mask.float().unsqueeze(-1)                                   # (B, T, 1), left padded
+                for l in range(len(modules)):
+                    x = current[l].float()                                       # (B, T, K)
+                    mean = (x * w).sum(1) / w.sum(1)
+                    feats[l].append(torch.cat([mean, x[:, -1]], dim=-1).cpu())
+    finally:
+        for h in handles:
+            h.remove()
+        if was_training:
+            model.train()
+    return [n for n, _ in modules], torch.stack([torch.cat(f) for f in feats])
+
+
+def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                   l2: float = 1e-2, steps: int = 200) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fit one logistic-regression probe per layer; score it on the held-out rows.
+
+    train_x (L, n, D), train_y (n,) in {0, 1}; test_x (L, m, D), test_y (m,). Features are
+    standardised with the train statistics; the probe minimises mean BCE + l2 * |w|^2
+    (full-batch L-BFGS, float64). Returns (held-out accuracy (L,), train accuracy (L,),
+    held-out mean negative log-likelihood (L,)).
+    """
+    x = train_x.double()
+    mu, sd = x.mean(1, keepdim=True), x.std(1, keepdim=True).clamp_min(1e-6)
+    x, xt = (x - mu) / sd, (test_x.double() - mu) / sd
+    y, yt = train_y.double(), test_y.double()
+    L, _, D = x.shape
+    w = torch.zeros(L, D, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(L, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+    bce = nn.BCEWithLogitsLoss(reduction="none")
+
+    def closure():
+        opt.zero_grad()
+        logits = torch.einsum("lnd,ld->ln", x, w) + b[:, None]
+        loss = bce(logits, y.expand_as(logits)).mean(1).sum() + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        tr = torch.einsum("lnd,ld->ln", x, w) + b[:, None]
+        te = torch.einsum("lnd,ld->ln", xt, w) + b[:, None]
+        acc_tr = ((tr > 0).double() == y).double().mean(1)
+        acc_te = ((te > 0).double() == yt).double().mean(1)
+        nll = bce(te, yt.expand_as(te)).mean(1)
+    return acc_te, acc_tr, nll
+
+
+def rank_layers(accuracy: Sequence[float], heldout_nll: Sequence[float]) -> List[int]:
+    """Layer indices, best first: higher held-out accuracy, then lower held-out NLL."""
+    return sorted(range(len(accuracy)), key=lambda l: (-accuracy[l], heldout_nll[l], l))
+
+
+def _plot(result: ProbeResult, path: str, chosen: Optional[List[int]]) -> Optional[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(result.accuracy) + 2), 3.6))
+    xs = list(range(len(result.accuracy)))
+    colors = ["tab:red" if chosen and l in chosen else "tab:blue" for l in xs]
+    ax.bar(xs, [100 * a for a in result.accuracy], color=colors)
+    ax.plot(xs, [100 * a for a in result.train_accuracy], color="gray", lw=1, marker=".", label="train accuracy")
+    ax.axhline(50, color="black", lw=0.5, ls=":")
+    ax.set_xlabel("layer (target module index)")
+    ax.set_ylabel("held-out probe accuracy (%)")
+    ax.set_ylim(40, 101)
+    ax.set_title(f"benign vs malicious linear probe per layer (train {result.n_train}, held-out "
+                 f"{result.n_heldout}" + (f"; red = chosen {chosen}" if chosen else "") + ")", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def probe_layers(model: nn.Module, tokenizer, train: Rows, heldout: Rows, *, out=None,
+                 config: Optional[MoGUConfig] = None, top: Optional[int] = None, system: Optional[str] = None,
+                 batch_size: int = 8, l2: float = 1e-2, plots: bool = True, progress: bool = True) -> ProbeResult:
+    """Rank the target layers by held-out linear-probe accuracy (module docstring).
+
+    train, heldout: labelled prompt files (benign/malicious rows; borderline rows carry
+        label benign, jailbreak rows malicious) or lists of row dicts; both classes needed.
+    out: optional folder for ``probe.json`` and ``probe.png``; top: K to mark in the plot.
+    Returns ProbeResult.
+    """
+    train_rows, heldout_rows = _rows(train, "train"), _rows(heldout, "heldout")
+    names, x_tr = layer_features(model, tokenizer, train_rows, config=config, system=system,
+                                 batch_size=batch_size, progress=progress)
+    _, x_te = layer_features(model, tokenizer, heldout_rows, config=config, system=system,
+                             batch_size=batch_size, progress=progress)
+    y_tr = torch.tensor([r["label"] == "malicious" for r in train_rows], dtype=torch.float64)
+    y_te = torch.tensor([r["label"] == "malicious" for r in heldout_rows], dtype=torch.float64)
+    acc, acc_tr, nll = probe_accuracy(x_tr, y_tr, x_te, y_te, l2=l2)
+    result = ProbeResult(modules=names, accuracy=acc.tolist(), train_accuracy=acc_tr.tolist(),
+                         heldout_nll=nll.tolist(), ranking=rank_layers(acc.tolist(), nll.tolist()),
+                         n_train=len(train_rows), n_heldout=len(heldout_rows))
+    if out is not None:
+        out = os.fspath(out)
+        os.makedirs(out, exist_ok=True)
+        chosen = result.best(top) if top else None
+        report = {"modules": names, "accuracy": result.accuracy, "train_accuracy": result.train_accuracy,
+                  "heldout_nll": result.heldout_nll, "ranking": result.ranking, "chosen": chosen,
+                  "n_train": result.n_train, "n_heldout": result.n_heldout, "l2": l2,
+                  "features": "[mean over prompt tokens, last prompt token] of the target module's input"}
+        path = os.path.join(out, PROBE_FILE)
+        atomic_write_text(path, json.dumps(report, indent=1) + "\n")
+        result.files.append(path)
+        if plots:
+            png = _plot(result, os.path.join(out, PROBE_PLOT), chosen)
+            if png:
+                result.files.append(png)
+    return result
+
+
+def select_layers(model: nn.Module, tokenizer, config: MoGUConfig, train: Rows, heldout: Rows, *, out=None,
+                  **probe_kwargs) -> MoGUConfig:
+    """Resolve ``config.layers == "auto:K"`` to the K best layers by :func:`probe_layers`.
+
+    A config whose layers are already a list (or None) is returned unchanged.
+    """
+    k = config.auto_layers
+    if k is None:
+        return config
+    n = len(all_targets(model, config)) if not is_patched(model) else len(_probe_modules(model, config))
+    if k > n:
+        raise ValueError(f"select_layers: layers='auto:{k}' but the model has only {n} target modules")
+    result = probe_layers(model, tokenizer, train, heldout, out=out, config=config, top=k, **probe_kwargs)
+    return MoGUConfig(**{**config.to_dict(), "layers": result.best(k)})

@@ -1,0 +1,300 @@
+"""The usability/safety dial (router offset, calibration), layer selection (MoGU v2:
+``MoGUConfig(layers=...)``, the layer probe) and joint adaptation, on tiny random models."""
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+import mogu
+from mogu import calibration, probing
+from mogu.layer import MoGULinear
+from tiny_models import random_release, tiny_llama, write_published
+from tiny_tokenizer import tiny_tokenizer, words
+
+FAST = dict(progress=False, save_steps=None)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    return write_published(random_release(tiny_llama(layers=3)), str(tmp_path_factory.mktemp("release")))
+
+
+def _loaded(release, config=None):
+    model = tiny_llama(layers=3)
+    mogu.load_official(model, glad=release["glad"], unwill=release["unwill"], router=release["router"],
+                       config=config)
+    return model.eval()
+
+
+def _ids(seed=0, n=2, t=7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 90, (n, t), generator=g)
+
+
+# ------------------------------------------------------------------ config
+@pytest.mark.parametrize("bad", ["auto", "auto:0", "top:3", [], [-1], [1, 1], [0.5], [True]])
+def test_bad_layers_are_named(bad):
+    with pytest.raises(ValueError, match="layers"):
+        mogu.MoGUConfig(layers=bad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1", True])
+def test_bad_router_offset_is_named(bad):
+    with pytest.raises(ValueError, match="router_offset"):
+        mogu.MoGUConfig(router_offset=bad)
+
+
+def test_layers_are_sorted_and_auto_must_be_resolved_before_patching():
+    assert mogu.MoGUConfig(layers=[2, 0]).layers == [0, 2]
+    cfg = mogu.MoGUConfig(layers="auto:2")
+    assert cfg.auto_layers == 2
+    with pytest.raises(ValueError, match="select_layers"):
+        mogu.patch_model(tiny_llama(layers=3), cfg)
+    with pytest.raises(ValueError, match=r"indices \[5\]"):
+        mogu.patch_model(tiny_llama(layers=3), mogu.MoGUConfig(layers=[0, 5]))
+
+
+# ---------------------------------------------------------- layer selection
+def test_unselected_layers_are_bitwise_base():
+    """Only the chosen layers are wrapped; the others keep their module and their output."""
+    plain = tiny_llama(layers=3).eval()
+    model = tiny_llama(layers=3).eval()
+    mogu.patch_model(model, mogu.MoGUConfig(layers=[1], router_hidden=8))
+    names = [n for n, m in model.named_modules() if n.endswith("self_attn.o_proj")]
+    kinds = {n: type(model.get_submodule(n)) for n in names}
+    assert kinds == {"model.layers.0.self_attn.o_proj": torch.nn.Linear,
+                     "model.layers.1.self_attn.o_proj": MoGULinear,
+                     "model.layers.2.self_attn.o_proj": torch.nn.Linear}
+    layer = model.get_submodule("model.layers.1.self_attn.o_proj")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.lora_B.normal_()                                 # the chosen layer visibly changes its output
+
+    def outputs(m):
+        seen = {}
+        hooks = [m.get_submodule(n).register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, o.clone()))
+                 for n in names]
+        with torch.no_grad():
+            logits = m(_ids()).logits
+        for h in hooks:
+            h.remove()
+        return seen, logits
+
+    got, logits = outputs(model)
+    ref, ref_logits = outputs(plain)
+    assert torch.equal(got["model.layers.0.self_attn.o_proj"], ref["model.layers.0.self_attn.o_proj"])
+    assert not torch.allclose(got["model.layers.1.self_attn.o_proj"], ref["model.layers.1.self_attn.o_proj"])
+    assert not torch.allclose(logits, ref_logits)
+    with mogu.mode(model, "base"):
+        assert torch.equal(model(_ids()).logits, ref_logits)
+
+
+def test_layer_subset_saves_and_loads(tmp_path):
+    model = tiny_llama(layers=3)
+    mogu.patch_model(model, mogu.MoGUConfig(layers=[0, 2], router_hidden=8))
+    with torch.no_grad():
+        for layer in mogu.patched_modules(model).values():
+            layer.lora_B.normal_()
+    mogu.save_pretrained(model, tmp_path / "m", folded=True)
+    other = tiny_llama(layers=3)
+    mogu.load(other, str(tmp_path / "m"))
+    assert list(mogu.patched_modules(other)) == ["model.layers.0.self_attn.o_proj", "model.layers.2.self_attn.o_proj"]
+    with torch.no_grad():
+        assert torch.allclose(other.eval()(_ids()).logits, model.eval()(_ids()).logits, atol=1e-6)
+
+
+def test_probe_picks_the_separable_layer_on_synthetic_activations():
+    """Five layers of noise, one of which (layer 3) carries the class in one direction."""
+    g = torch.Generator().manual_seed(0)
+    L, D, n, m = 5, 12, 80, 60
+
+    def make(count):
+        y = torch.arange(count) % 2
+        x = torch.randn(L, count, D, generator=g)
+        x[3, :, 4] += 3.0 * (2 * y.double() - 1).float()         # separable at layer 3 only
+        x[1, :, 2] += 0.4 * (2 * y.double() - 1).float()         # weakly informative at layer 1
+        return x, y
+    (xtr, ytr), (xte, yte) = make(n), make(m)
+    acc, acc_tr, nll = probing.probe_accuracy(xtr, ytr, xte, yte)
+    ranking = probing.rank_layers(acc.tolist(), nll.tolist())
+    assert ranking[0] == 3 and acc[3] > 0.9, acc
+    assert ranking[1] == 1, (ranking, acc)
+    assert all(acc[l] < 0.8 for l in (0, 2, 4)), acc
+
+
+def test_select_layers_on_a_tiny_model(tok, tmp_path):
+    """Resolve "auto:K" through real forward passes; the probe files are written."""
+    rng = random.Random(0)
+    rows = [{"instruction": words([rng.choice(range(10, 14) if i % 2 else range(40, 44)) for _ in range(6)]),
+             "label": "malicious" if i % 2 else "benign"} for i in range(24)]
+    model = tiny_llama(layers=3)
+    cfg = probing.select_layers(model, tok, mogu.MoGUConfig(layers="auto:2"), rows[:16], rows[16:],
+                                out=tmp_path / "probe", progress=False)
+    assert isinstance(cfg.layers, list) and len(cfg.layers) == 2 and set(cfg.layers) <= {0, 1, 2}
+    report = json.load(open(tmp_path / "probe" / probing.PROBE_FILE))
+    assert len(report["accuracy"]) == 3 and report["chosen"] == cfg.layers
+    with pytest.raises(ValueError, match="both benign and malicious"):
+        probing.probe_layers(model, tok, rows[:16:2], rows[16:], progress=False)
+
+
+# ------------------------------------------------------------------ the dial
+def test_router_offset_shifts_the_logits_exactly(release):
+    model = _loaded(release)
+    ids = _ids()
+    with torch.no_grad(), mogu.capture_gates(model) as g0:
+        model(ids)
+    d = 0.75
+    mogu.set_router_offset(model, d)
+    assert model.mogu_config.router_offset == d
+    with torch.no_grad(), mogu.capture_gates(model) as g1:
+        model(ids)
+    first = next(iter(g0))            # later layers see inputs the earlier gates changed
+    for name in [first]:
+        logit0, logit1 = torch.logit(g0[name].double()), torch.logit(g1[name].double())
+        torch.testing.assert_close(logit1[..., 0], logit0[..., 0] - d, atol=2e-4, rtol=1e-4)    # unwill - d
+        torch.testing.assert_close(logit1[..., 1], logit0[..., 1] + d, atol=2e-4, rtol=1e-4)    # glad + d
+    with mogu.router_offset(model, 0.0):
+        with torch.no_grad(), mogu.capture_gates(model) as g2:
+            model(ids)
+    assert model.mogu_config.router_offset == d
+    for name in g0:
+        torch.testing.assert_close(g2[name], g0[name])
+
+
+def test_router_offset_travels_with_the_folder(release, tmp_path):
+    model = _loaded(release)
+    mogu.set_router_offset(model, -0.5)
+    mogu.save_pretrained(model, tmp_path / "m", folded=True)
+    other = tiny_llama(layers=3)
+    mogu.load(other, str(tmp_path / "m"))
+    assert other.mogu_config.router_offset == -0.5
+    assert all(layer.router_offset == -0.5 for layer in mogu.patched_modules(other).values())
+    # calibration rewrites the stored dial in place; loading picks it up
+    calibration.write_mogu_offset(tmp_path / "m", 1.25)
+    third = tiny_llama(layers=3)
+    mogu.load(third, str(tmp_path / "m"))
+    assert third.mogu_config.router_offset == 1.25
+    with pytest.raises(FileNotFoundError, match="mogu_config.json"):
+        calibration.write_mogu_offset(tmp_path / "nothing", 1.0)
+
+
+def test_dial_curve_is_monotone_and_choice_meets_target_on_synthetic_gates(release):
+    """Gate-decided refusal (unwill gate > 0.5 at the last prompt token, in the last layer)
+    on two synthetic populations: the curve falls monotonically as d grows, and the
+    chosen point meets the benign target."""
+    model = _loaded(release)
+    last = list(mogu.patched_modules(model))[-1]
+    ids = _ids(seed=1, n=40, t=6)
+    with torch.no_grad(), mogu.capture_gates(model) as g:
+        model(ids)
+    base_alpha_logit = torch.logit(g[last][:, -1, 0].double())
+    # two populations: the "malicious" half is shifted towards unwill through the offset-free bias
+    benign_rows, malicious_rows = torch.arange(0, 40, 2), torch.arange(1, 40, 2)
+    shift = base_alpha_logit.median()
+
+    def refusal_at(d):
+        with mogu.router_offset(model, d), torch.no_grad(), mogu.capture_gates(model) as gates:
+            model(ids)
+        logit = torch.logit(gates[last][:, -1, 0].double()) - shift
+        refused_b = (logit[benign_rows] - 1.0 > 0).double().mean().item()
+        refused_m = (logit[malicious_rows] + 2.0 > 0).double().mean().item()
+        return refused_b, refused_m
+
+    offsets = [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0]
+    curve = []
+    for d in offsets:
+        b, m = refusal_at(d)
+        curve.append({"offset": d, "benign": b, "malicious": m})
+    for key in ("benign", "malicious"):
+        values = [r[key] for r in curve]
+        assert all(a >= b for a, b in zip(values, values[1:])), (key, values)
+    assert curve[0]["benign"] > 0.05 and curve[-1]["benign"] == 0.0      # the dial really moves
+    chosen, met = calibration.choose_offset(curve, 0.05)
+    assert met and refusal_at(chosen)[0] <= 0.05
+    smaller = [r for r in curve if r["offset"] < chosen]
+    assert not smaller or smaller[-1]["benign"] > 0.05                    # the safest such point
+
+
+def test_choose_offset_rule():
+    c = [{"offset": d, "benign": b} for d, b in [(-1, 0.5), (0, 0.2), (1, 0.04), (2, 0.1), (3, 0.0), (4, 0.0)]]
+    assert calibration.choose_offset(c, 0.05) == (3.0, True)       # 1 meets it, but 2 does not: not robust
+    assert calibration.choose_offset(c, 0.15) == (1.0, True)
+    c = [{"offset": d, "benign": b} for d, b in [(0, 0.5), (1, 0.3), (2, 0.3)]]
+    assert calibration.choose_offset(c, 0.05) == (2.0, False)      # unreachable: lowest benign rate, safest tie
+
+
+def test_calibrate_end_to_end_writes_curve_and_folder(release, tok, tmp_path):
+    model = _loaded(release)
+    mogu.save_pretrained(model, tmp_path / "m", folded=True)
+    rows = [{"instruction": words([10 + i, 11, 12 + i]), "label": "benign" if i % 2 else "malicious"} for i in range(6)]
+    prompts = tmp_path / "val.json"
+    prompts.write_text(json.dumps(rows))
+    seen = []
+
+    def judge(text):                        # refuses everything at d < 1: the dial must move to 1
+        seen.append(model.mogu_config.router_offset)
+        return model.mogu_config.router_offset < 1.0
+
+    res = mogu.calibrate(model, tok, [str(prompts)], out=tmp_path / "cal", offsets=[-1.0, 0.0, 1.0, 2.0],
+                         target_benign_refusal=0.0, mogu_dir=tmp_path / "m", max_new_tokens=3, batch_size=4,
+                         judge=judge, progress=False)
+    assert sorted(set(seen)) == [-1.0, 0.0, 1.0, 2.0]
+    assert [r["benign"] for r in res.curve] == [1.0, 1.0, 0.0, 0.0] and res.chosen == 1.0 and res.met_target
+    assert model.mogu_config.router_offset == 1.0
+    assert json.load(open(tmp_path / "m" / "mogu_config.json"))["config"]["router_offset"] == 1.0
+    report = json.load(open(tmp_path / "cal" / calibration.CALIBRATION_FILE))
+    assert report["chosen"] == 1.0 and len(report["curve"]) == 4
+    with pytest.raises(ValueError, match="ascending"):
+        mogu.calibrate(model, tok, [str(prompts)], out=tmp_path / "c2", offsets=[1.0, 0.0], progress=False)
+
+
+# ------------------------------------------------------ training with layers
+def _two_class(n=12, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        y = i % 2
+        pool = range(10, 14) if y else range(40, 44)
+        rows.append({"instruction": words([rng.choice(pool) for _ in range(6)]),
+                     "output": words([60, 61] if y else [70, 71, 72]), "label": y})
+    return rows
+
+
+def test_experts_and_routers_on_chosen_layers_and_joint_adaptation(tok, tmp_path):
+    affirm = [{"instruction": r["instruction"], "output": r["output"]} for r in _two_class(6)]
+    reject = [{"instruction": r["instruction"], "output": words([80, 81])} for r in _two_class(6)]
+    a, r = tmp_path / "a.json", tmp_path / "r.json"
+    a.write_text(json.dumps(affirm))
+    r.write_text(json.dumps(reject))
+    model = tiny_llama(layers=3)
+    for expert in ("glad", "unwill"):
+        mogu.train_expert(model, tok, expert, str(a), str(r), tmp_path / expert, layers=[1, 2], r=4, lr=1e-2,
+                          epochs=1, pairs_per_step=2, batch_size=2, **FAST)
+    from safetensors.torch import load_file
+    keys = load_file(str(tmp_path / "glad" / "adapter_model.safetensors"))
+    assert keys and all(".layers.1." in k or ".layers.2." in k for k in keys)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in _two_class(8)))
+    torch.manual_seed(0)
+    res = mogu.train_router(model, tok, tmp_path / "glad", tmp_path / "unwill", str(data), tmp_path / "router",
+                            router_hidden=8, joint=True, expert_lr=1e-2, lr=1e-2, examples_per_step=4,
+                            batch_size=4, epochs=1, **FAST)
+    assert res.finished
+    assert model.mogu_config.layers == [1, 2]                             # inferred from the adapters
+    assert list(mogu.patched_modules(model)) == ["model.layers.1.self_attn.o_proj", "model.layers.2.self_attn.o_proj"]
+    trained = mogu.patched_modules(model)["model.layers.1.self_attn.o_proj"].lora_B.detach().clone()
+    fresh = tiny_llama(layers=3)
+    mogu.training.load_experts(fresh, tmp_path / "glad", tmp_path / "unwill")
+    assert not torch.equal(mogu.patched_modules(fresh)["model.layers.1.self_attn.o_proj"].lora_B, trained), \
+        "joint=True must train the experts too"
+    with pytest.raises(ValueError, match="joint"):
+        mogu.train_router(tiny_llama(layers=3), tok, tmp_path / "glad", tmp_path / "unwill", str(data),
+                          tmp_path / "r2", expert_lr=1e-3, **FAST)
