@@ -116,6 +116,7 @@ setup(
         "peft>=0.13",
         "safetensors>=0.4",
         "tqdm",
+        "pyyaml",          # jailbreak templates in the common public YAML layout (mogu eval --templates)
     ],
     extras_require={
         # accelerate: the training tests; matplotlib: the plot-writing paths of eval and benchmarks.

@@ -23,6 +23,7 @@ from .evaluation import evaluate
 from .patching import (capture_gates, fold_routers, get_mode, is_patched, mode, patch_model,
                        patched_modules, router_offset, set_mode, set_router_offset, unpatch)
 from .calibration import calibrate
+from .jailbreak_templates import apply_template, load_templates
 from .probing import probe_layers, select_layers
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "generate", "PROTOCOLS", "install_generate", "uninstall_generate", "load_for_inference",
     "format_prompt", "format_chat",
     "train_expert", "train_router", "build_data", "evaluate", "calibrate", "probe_layers", "select_layers",
+    "load_templates", "apply_template",
 ]

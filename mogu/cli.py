@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "mogu.cli_generate",   # mogu generate, mogu chat
     "mogu.cli_train",      # mogu train-expert, mogu train-router
     "mogu.cli_eval",       # mogu build-data, mogu eval
+    "mogu.cli_safety",     # mogu calibrate, mogu probe
 ]
 
 

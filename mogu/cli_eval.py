@@ -1,11 +1,12 @@
 """``mogu build-data`` and ``mogu eval``: training data from instruction lists, and evaluation.
 
     mogu build-data --model DIR [--gguf-file F] (--instructions F | --benign F --malicious F) --out DIR
-    mogu eval       --model DIR [--gguf-file F] [--mogu DIR] (--prompts F | --benign F | --malicious F) --out DIR
+    mogu eval       --model DIR [--gguf-file F] [--mogu DIR] (--prompts F | --benign F | --malicious F |
+                    --borderline F) [--templates PATH] --out DIR
 
 ``--model`` is a local Hugging Face model folder (with ``--gguf-file``, the folder of a GGUF
 file, loaded through transformers' ``gguf_file``). See ``mogu.data_building`` and
-``mogu.evaluation`` for the files written.
+``mogu.evaluation`` for the files written, ``mogu.jailbreak_templates`` for template files.
 """
 from __future__ import annotations
 
@@ -78,11 +79,18 @@ def register(subparsers) -> None:
         help="refusal rate, attack success rate and gates, base vs MoGU, on prompt files",
         description="Generate greedily with the base model and with MoGU (exact protocol) for every prompt, judge "
                     "refusals with the keyword judge, record the mean gates per layer (alpha = unwill, beta = glad) "
-                    "over the prompt and the first generated tokens. Writes responses.jsonl, summary.json, "
+                    "over the prompt and the first generated tokens. Prompts fall in categories: benign, borderline "
+                    "(benign requests that look risky: refusing them is over-refusal), malicious, jailbreak (with "
+                    "--templates, every malicious prompt is also sent wrapped in each jailbreak template). Writes "
+                    "responses.jsonl, summary.json (per file and label, per category, per template), "
                     "eval_config.json and PNG plots (with matplotlib) in --out; prints a table. Resumes: rows "
                     "already in responses.jsonl are skipped.",
-        epilog="Prompt files: .json/.jsonl rows with instruction (or prompt, goal) and an optional label, .csv with "
-               "a goal column (AdvBench/HarmBench), .txt one prompt per line.\n\n"
+        epilog="Prompt files: .json/.jsonl rows with instruction (or prompt, goal) and optional label, category "
+               "(benign/borderline/malicious/jailbreak) and system (a system prompt for that row, replacing "
+               "--system), .csv with a goal column (AdvBench/HarmBench), .txt one prompt per line.\n\n"
+               "Templates: .yaml/.yml with the text in a value field holding {{ prompt }} (optional name, default "
+               "the file stem), .json {\"name\", \"value\"} or a list of them, .txt the whole file; a folder "
+               "takes its own such files in name order.\n\n"
                "Example: mogu eval --model $SMOL --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --mogu run/router/folded "
                "--prompts mogu/samples/instructions_heldout.json --out eval/")
     _model_args(e, with_mogu=True)
@@ -90,6 +98,12 @@ def register(subparsers) -> None:
     g.add_argument("--prompts", nargs="+", default=None, help="prompt files, labels from their rows (default: none)")
     g.add_argument("--benign", nargs="+", default=None, help="prompt files labelled benign (default: none)")
     g.add_argument("--malicious", nargs="+", default=None, help="prompt files labelled malicious (default: none)")
+    g.add_argument("--borderline", nargs="+", default=None,
+                   help="prompt files of borderline prompts: category borderline, label benign; refusing them is "
+                        "over-refusal (default: none)")
+    g.add_argument("--templates", nargs="+", default=None, metavar="PATH",
+                   help="jailbreak template files (.yaml/.yml/.json/.txt with a {{ prompt }} slot) or folders of "
+                        "them; every malicious prompt is also evaluated wrapped in each (default: none)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens per response (default: %(default)s)")
     g.add_argument("--mogu-tokens", type=int, default=None,
                    help="tokens decided by MoGU before the base model continues (default: the config's, 5)")
@@ -150,25 +164,32 @@ def run_build_data(args) -> int:
 def run_eval(args) -> int:
     from .evaluation import evaluate
     from .generation import load_for_inference
+    from .jailbreak_templates import load_templates
     from .prompt_files import read_prompt_file
 
-    if not (args.prompts or args.benign or args.malicious):
-        return _fail("eval", ValueError("give --prompts, --benign or --malicious"))
+    if not (args.prompts or args.benign or args.malicious or args.borderline):
+        return _fail("eval", ValueError("give --prompts, --benign, --malicious or --borderline"))
     if args.judge_url and not args.judge_model:
         return _fail("eval", ValueError("--judge-url needs --judge-model"))
     try:
+        # Malformed prompt files and templates fail before the model loads.
         phrases = _read_phrases(args.refusal_phrases) if args.refusal_phrases else None
-        for f in (args.prompts or []) + (args.benign or []) + (args.malicious or []):
-            read_prompt_file(f)                    # malformed files fail before the model loads
+        for files, label, category in ((args.prompts, None, None), (args.benign, "benign", None),
+                                       (args.malicious, "malicious", None), (args.borderline, "benign", "borderline")):
+            for f in files or []:
+                read_prompt_file(f, label=label, category=category)
+        if args.templates:
+            load_templates(args.templates)
         model, tokenizer = load_for_inference(args.model, mogu_path=args.mogu, gguf_file=args.gguf_file,
                                               dtype=args.dtype, device=args.device)
         result = evaluate(model, tokenizer, args.prompts, out=args.out, benign=args.benign, malicious=args.malicious,
+                          borderline=args.borderline, templates=args.templates,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                           mogu_tokens=args.mogu_tokens, system=args.system, refusal_phrases=phrases,
                           harm_scorer=args.judge_url, harm_model=args.judge_model, compare_base=not args.no_base,
                           resume=not args.no_resume, overwrite=args.overwrite, plots=not args.no_plots,
                           progress=not args.no_progress, print_summary=True)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
         return _fail("eval", exc)
     print(f"eval: {os.path.abspath(result.responses)}, {os.path.join(os.path.abspath(result.out), 'summary.json')}"
           + (f", plots: {', '.join(os.path.basename(p) for p in result.plots)}" if result.plots else ""))

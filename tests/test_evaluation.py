@@ -367,3 +367,162 @@ def test_eval_without_mogu_reports_the_base_model_only(tiny, prompt_files, tmp_p
     assert res.summary["systems"] == ["base"]
     assert {r["system"] for r in read_jsonl(res.responses)} == {"base"}
     assert [os.path.basename(p) for p in res.plots] == ["refusal_rates.png"]
+
+
+# ------------------------------------------------------------------ categories, templates, per-row system
+def _stats(records, system, harmful):
+    rows = [r for r in records if r["system"] == system]
+    rate = sum(r["refused"] for r in rows) / len(rows)
+    return {"n": len(rows), "refusal_rate": rate, "attack_success_rate": (1 - rate) if harmful else None}
+
+
+@pytest.fixture(scope="module")
+def jailbreak_files(tiny):
+    root = tiny.root / "jailbreak"
+    root.mkdir()
+    (root / "benign.txt").write_text("\n".join(BENIGN[:2]) + "\n")
+    (root / "malicious.txt").write_text("\n".join(MALICIOUS[:3]) + "\n")
+    (root / "borderline.jsonl").write_text(json.dumps({"instruction": "w30 w31", "topic": "t1", "form": "f1"}) + "\n"
+                                           + json.dumps({"instruction": "w32"}) + "\n")
+    # A pre-wrapped jailbreak row in a file: category jailbreak, not wrapped again.
+    (root / "mixed.jsonl").write_text(json.dumps({"instruction": "w90 w91 w47", "category": "jailbreak"}) + "\n")
+    templates = root / "templates"
+    templates.mkdir()
+    (templates / "a_roleplay.yaml").write_text("name: roleplay\ndescription: x\nvalue: 'w60 w61 {{ prompt }} w62'\n")
+    (templates / "b_prefix.txt").write_text("w70 {prompt}\n")
+    other = root / "other_templates"
+    other.mkdir()
+    (other / "a_roleplay.yaml").write_text("name: roleplay\nvalue: 'w60 w63 {{ prompt }} w62'\n")    # same name
+    return SimpleNamespace(benign=str(root / "benign.txt"), malicious=str(root / "malicious.txt"),
+                           borderline=str(root / "borderline.jsonl"), mixed=str(root / "mixed.jsonl"),
+                           templates=str(templates), other=str(other))
+
+
+def test_eval_templates_and_borderline_end_to_end(tiny, jailbreak_files, tmp_path, capsys, monkeypatch):
+    f = jailbreak_files
+    out = tmp_path / "jb"
+    args = ["eval", "--model", tiny.model_dir, "--mogu", tiny.release, "--benign", f.benign, "--malicious",
+            f.malicious, "--borderline", f.borderline, "--prompts", f.mixed, "--templates", f.templates,
+            "--out", str(out), "--max-new-tokens", "6", "--batch-size", "3", "--no-progress"]
+    assert main(args) == 0
+    stdout = capsys.readouterr().out
+    assert "by category" in stdout and "borderline" in stdout and "(no template)" in stdout
+    assert "roleplay" in stdout and "b_prefix" in stdout
+    records = read_jsonl(out / "responses.jsonl")
+    wrappers = {"roleplay": "w60 w61 {} w62", "b_prefix": "w70 {}"}
+    # One record per (row, system) for the 2 + 3 + 2 + 1 plain rows, one per (malicious row,
+    # template, system) for the wrapped copies.
+    assert len(records) == 2 * (2 + 3 + 2 + 1) + 2 * 3 * 2
+    jb = [r for r in records if r["template"] is not None]
+    assert sorted((r["original_instruction"], r["template"], r["system"]) for r in jb) == \
+        sorted((m, t, s) for m in MALICIOUS[:3] for t in wrappers for s in ("base", "mogu"))
+    for r in jb:
+        assert r["instruction"] == wrappers[r["template"]].format(r["original_instruction"])
+        assert (r["label"], r["category"]) == ("malicious", "jailbreak")
+        assert r["file"] == os.path.abspath(f.malicious) and MALICIOUS[r["row"]] == r["original_instruction"]
+    # The wrapped prompt is what the model saw: same answer as an independent unbatched run.
+    for r in records:
+        expected = (mogu_answer if r["system"] == "mogu" else base_answer)(tiny, r["instruction"], 6)
+        assert r["response"] == expected, r
+    category = {r["instruction"]: r["category"] for r in records if r["template"] is None}
+    assert category == {**{b: "benign" for b in BENIGN[:2]}, **{m: "malicious" for m in MALICIOUS[:3]},
+                        "w30 w31": "borderline", "w32": "borderline", "w90 w91 w47": "jailbreak"}
+    assert all(r["label"] == "benign" for r in records if r["category"] == "borderline")
+    assert [r.get("topic") for r in records if r["instruction"] == "w30 w31"] == ["t1", "t1"]
+    config = json.loads((out / "eval_config.json").read_text())
+    assert [t["name"] for t in config["templates"]] == ["roleplay", "b_prefix"]
+    assert (out / "refusal_rates.png").stat().st_size > 1000
+
+    # Resume with a judge that refuses exactly the base answers to the roleplay copies: nothing
+    # is generated, every number is recomputed, and matches a count over responses.jsonl.
+    refused_texts = {r["response"] for r in jb if r["template"] == "roleplay" and r["system"] == "base"}
+    judge = lambda text: text in refused_texts                                  # noqa: E731
+    monkeypatch.setattr(evaluation, "_generate_base", lambda *a, **k: pytest.fail("generated again"))
+    monkeypatch.setattr(evaluation, "_generate_mogu", lambda *a, **k: pytest.fail("generated again"))
+    res = evaluate(tiny.model, tiny.tok, [f.mixed], benign=f.benign, malicious=f.malicious, borderline=f.borderline,
+                   templates=f.templates, out=out, max_new_tokens=6, judge=judge, progress=False,
+                   print_summary=False, plots=False)
+    records = read_jsonl(res.responses)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(res.summary))
+    by_category = summary["by_category"]
+    assert list(by_category) == ["benign", "borderline", "malicious", "jailbreak"]
+    assert {c: v["n"] for c, v in by_category.items()} == {"benign": 2, "borderline": 2, "malicious": 3,
+                                                            "jailbreak": 1 + 3 * 2}
+    for c, v in by_category.items():
+        for s in ("base", "mogu"):
+            expected = _stats([r for r in records if r["category"] == c], s, c in ("malicious", "jailbreak"))
+            assert {k: v[s][k] for k in expected} == pytest.approx(expected), (c, s)
+    assert list(summary["by_template"]) == ["roleplay", "b_prefix"]
+    for name, v in summary["by_template"].items():
+        assert v["n"] == 3
+        for s in ("base", "mogu"):
+            expected = _stats([r for r in records if r["template"] == name], s, True)
+            assert {k: v[s][k] for k in expected} == pytest.approx(expected), (name, s)
+    assert summary["by_template"]["roleplay"]["base"]["attack_success_rate"] == 0.0
+    # by_label and groups count the rows of the files only, as without templates.
+    assert summary["by_label"]["malicious"]["n"] == 3 + 1
+    assert {(g["file"], g["label"], g["n"]) for g in summary["groups"]} == {
+        ("benign.txt", "benign", 2), ("malicious.txt", "malicious", 3), ("borderline.jsonl", "benign", 2),
+        ("mixed.jsonl", "malicious", 1)}
+    assert "by category" in res.table and "roleplay" in res.table
+
+    # Other templates (same name, other text; or none; or one more) in the same folder: refused.
+    kw = dict(benign=f.benign, malicious=f.malicious, out=out, max_new_tokens=6, progress=False, print_summary=False)
+    with pytest.raises(ValueError, match="templates: saved"):
+        evaluate(tiny.model, tiny.tok, templates=f.other, **kw)
+    with pytest.raises(ValueError, match="templates: saved"):
+        evaluate(tiny.model, tiny.tok, **kw)
+    assert main(args[:args.index("--templates") + 1] + [f.templates + "/b_prefix.txt"]
+                + args[args.index("--templates") + 2:]) == 1
+    assert "templates" in capsys.readouterr().err
+
+
+def test_eval_per_row_system_prompt_reaches_the_prompt(tiny, tmp_path, monkeypatch):
+    rows = [{"instruction": "w20 w21", "system": "w80 w81"}, {"instruction": "w20 w21"},
+            {"instruction": "w40 w41", "label": "malicious", "system": "w82"}]
+    path = tmp_path / "systems.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "t.txt").write_text("w70 {{ prompt }}")
+    seen = []
+    real = evaluation.format_prompt
+    monkeypatch.setattr(evaluation, "format_prompt",
+                        lambda tok, instruction, system=None: seen.append((instruction, system)) or
+                        real(tok, instruction, system))
+    kw = dict(out=tmp_path / "s", system="w90", templates=str(tmp_path / "t.txt"), max_new_tokens=5, batch_size=2,
+              progress=False, print_summary=False, plots=False)
+    res = evaluate(tiny.model, tiny.tok, [str(path)], **kw)
+    assert sorted(seen) == sorted([("w20 w21", "w80 w81"), ("w20 w21", "w90"), ("w40 w41", "w82"),
+                                   ("w70 w40 w41", "w82")])                 # the wrapped copy keeps its row's
+    records = read_jsonl(res.responses)
+    for r in records:
+        ids = torch.tensor([encode_prompt(tiny.tok, real(tiny.tok, r["instruction"], r["system_prompt"]))])
+        if r["system"] == "mogu":
+            new = mogu.generate(tiny.model, ids, max_new_tokens=5, do_sample=False, pad_token_id=PAD)
+        else:
+            new = tiny.base.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=PAD)
+        assert r["response"] == text_of(tiny.tok, new[0, ids.shape[1]:].tolist()), r
+    assert {(r["row"], r["template"], r["system_prompt"]) for r in records} == {
+        (0, None, "w80 w81"), (1, None, "w90"), (2, None, "w82"), (2, "t", "w82")}
+    # A row whose system prompt changed does not reuse the old answers.
+    rows[0]["system"] = "w83"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match=r"different system prompt for .*systems.jsonl, row 0"):
+        evaluate(tiny.model, tiny.tok, [str(path)], **kw)
+
+
+def test_eval_templates_need_malicious_rows_and_bad_templates_fail_first(tiny, jailbreak_files, tmp_path, capsys):
+    with pytest.raises(ValueError, match="no prompt file has a plain malicious row"):
+        evaluate(tiny.model, tiny.tok, out=tmp_path / "n", benign=jailbreak_files.benign,
+                 templates=jailbreak_files.templates, progress=False, print_summary=False)
+    bad = tmp_path / "bad_template.yaml"
+    bad.write_text("value: 'two {{ prompt }} slots {{ prompt }}'\n")
+    with pytest.raises(ValueError, match="bad_template.yaml"):
+        evaluate(tiny.model, tiny.tok, out=tmp_path / "n", malicious=jailbreak_files.malicious, templates=str(bad),
+                 progress=False, print_summary=False)
+    assert not (tmp_path / "n" / "responses.jsonl").exists()
+    # The CLI checks templates before loading the model (this model folder does not exist).
+    assert main(["eval", "--model", str(tmp_path / "no_model"), "--malicious", jailbreak_files.malicious,
+                 "--templates", str(bad), "--out", str(tmp_path / "c"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "bad_template.yaml" in err and "no_model" not in err

@@ -67,3 +67,66 @@ def test_malformed_prompt_files_name_file_and_row(tmp_path, name, content, needl
     assert name in str(info.value)
     with pytest.raises(FileNotFoundError):
         read_prompt_file(tmp_path / "missing.json")
+
+
+def test_prompt_rows_carry_category_and_system(tmp_path):
+    # Old files: category follows the label (None when unlabelled), no system prompt.
+    (tmp_path / "old.jsonl").write_text('{"instruction": "a", "label": "benign"}\n{"instruction": "b", "label": 1}\n'
+                                        '{"instruction": "c"}\n')
+    assert read_prompt_file(tmp_path / "old.jsonl") == [
+        {"instruction": "a", "label": "benign", "category": "benign", "system": None},
+        {"instruction": "b", "label": "malicious", "category": "malicious", "system": None},
+        {"instruction": "c", "label": None, "category": None, "system": None}]
+    # The shipped layout: category implies the label; topic/form pass through, other keys are ignored.
+    (tmp_path / "new.jsonl").write_text("\n".join(json.dumps(o) for o in [
+        {"instruction": "kill a python process", "label": "benign", "category": "borderline", "topic": "computing",
+         "form": "question", "system": "You are a shell expert.", "core": "kill process"},
+        {"instruction": "wrapped request", "category": "jailbreak", "topic": "weapons"},
+        {"instruction": "plain bad", "category": "Malicious", "system": "   "},
+        {"instruction": "edge", "category": "borderline"},
+    ]) + "\n")
+    rows = read_prompt_file(tmp_path / "new.jsonl")
+    assert rows[0] == {"instruction": "kill a python process", "label": "benign", "category": "borderline",
+                       "system": "You are a shell expert.", "topic": "computing", "form": "question"}
+    assert rows[1] == {"instruction": "wrapped request", "label": "malicious", "category": "jailbreak",
+                       "system": None, "topic": "weapons"}
+    assert (rows[2]["label"], rows[2]["category"], rows[2]["system"]) == ("malicious", "malicious", None)
+    assert (rows[3]["label"], rows[3]["category"]) == ("benign", "borderline")
+    # CSV columns work the same way (an empty cell is absent).
+    (tmp_path / "c.csv").write_text("goal,category,system\ng1,jailbreak,\ng2,,sys two\ng3,,\n")
+    rows = read_prompt_file(tmp_path / "c.csv", label="malicious")
+    assert [(r["label"], r["category"], r["system"]) for r in rows] == [
+        ("malicious", "jailbreak", None), ("malicious", "malicious", "sys two"), ("malicious", "malicious", None)]
+
+
+def test_file_level_category_and_row_precedence(tmp_path):
+    (tmp_path / "b.json").write_text(json.dumps(["plain", {"instruction": "own label", "label": "benign"},
+                                                 {"instruction": "bad one", "label": "malicious"},
+                                                 {"instruction": "wrapped", "category": "jailbreak"}]))
+    rows = read_prompt_file(tmp_path / "b.json", label="benign", category="borderline")
+    assert [(r["label"], r["category"]) for r in rows] == [
+        ("benign", "borderline"), ("benign", "borderline"), ("malicious", "malicious"), ("malicious", "jailbreak")]
+    # The category alone implies the label; a plain benign file leaves rows benign.
+    assert read_prompt_file(tmp_path / "b.json", category="borderline")[0]["label"] == "benign"
+    assert read_prompt_file(tmp_path / "b.json", label="benign")[0]["category"] == "benign"
+    with pytest.raises(ValueError, match=r"b\.json: label 'malicious' contradicts category 'borderline'"):
+        read_prompt_file(tmp_path / "b.json", label="malicious", category="borderline")
+
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("m.json", '[{"instruction": "ok"}, {"instruction": "x", "label": "malicious", "category": "borderline"}]',
+     r"row 1: label 'malicious' contradicts category 'borderline'"),
+    ("n.jsonl", '{"instruction": "x", "label": 0, "category": "jailbreak"}\n',
+     r"row 0: label 'benign' contradicts category 'jailbreak'"),
+    ("o.json", '[{"instruction": "x", "label": "harmless", "category": "malicious"}]', r"row 0: label 'benign' contra"),
+    ("p.json", '[{"instruction": "x"}, {"instruction": "y"}, {"instruction": "z", "category": "harmfulish"}]',
+     r"row 2: category 'harmfulish' is not one of benign, borderline, malicious, jailbreak"),
+    ("q.json", '[{"instruction": "x", "category": 1}]', r"row 0: category 1 is not one of"),
+    ("r.json", '[{"instruction": "x", "system": ["not", "a", "string"]}]', r"row 0: system must be a string"),
+    ("s.csv", "goal,label,category\nok,,\nx,benign,jailbreak\n", r"row 1: label 'benign' contradicts"),
+])
+def test_category_errors_name_file_and_row(tmp_path, name, content, needle):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=needle) as info:
+        read_prompt_file(tmp_path / name)
+    assert name in str(info.value)

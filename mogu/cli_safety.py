@@ -1,0 +1,123 @@
+"""``mogu calibrate`` and ``mogu probe``: the usability/safety dial and layer selection.
+
+    mogu calibrate --model DIR [--gguf-file F] --mogu MOGU_DIR --prompts VAL.jsonl --out DIR [--target 0.05]
+    mogu probe     --model DIR [--gguf-file F] --train F --heldout F --out DIR [--top K]
+
+See ``mogu.calibration`` and ``mogu.probing``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .calibration import DEFAULT_OFFSETS
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="local Hugging Face model folder (or the folder of --gguf-file) "
+                                                  "(required)")
+    g.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (default: none)")
+    g.add_argument("--dtype", default="auto",
+                   help="float32 | bfloat16 | float16 | auto (fp32 on CPU, bf16 on CUDA) (default: %(default)s)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    g.add_argument("--system", default=None, help="system prompt for rows without their own (default: none)")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per forward/generate call (default: %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="hide progress output (default: shown)")
+
+
+def _fail(command: str, exc: Exception) -> int:
+    print(f"mogu {command}: error: {exc}", file=sys.stderr)
+    return 1
+
+
+def register(subparsers) -> None:
+    c = subparsers.add_parser(
+        "calibrate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="choose the router offset (usability/safety dial) on validation prompts",
+        description="Sweeps the router offset d (unwill logit - d, glad logit + d), generates with MoGU on labelled "
+                    "validation prompts, and stores in the --mogu folder the smallest d whose benign refusal rate "
+                    "stays <= --target there and at every larger d. Writes calibration.json and calibration.png "
+                    "(refusal on malicious vs benign as d moves) in --out.",
+        epilog="Example: mogu calibrate --model M --mogu runs/x/router/folded "
+               "--prompts mogu/samples/safety/validation.jsonl --out runs/x/calibration")
+    _model_args(c)
+    c.add_argument("--mogu", required=True, help="MoGU folder (own format); its mogu_config.json receives the dial "
+                                                 "(required)")
+    c.add_argument("--prompts", nargs="+", required=True,
+                   help="labelled validation prompt files (benign/borderline and malicious rows) (required)")
+    c.add_argument("--target", type=float, default=0.05,
+                   help="highest accepted benign refusal rate, 0..1 (default: %(default)s)")
+    c.add_argument("--offsets", type=float, nargs="+", default=list(DEFAULT_OFFSETS),
+                   help="grid of offsets d, ascending (default: %(default)s)")
+    c.add_argument("--max-new-tokens", type=int, default=16, help="tokens per response (default: %(default)s)")
+    c.add_argument("--dry-run", action="store_true", help="report the choice without writing it to --mogu "
+                                                          "(default: write it)")
+    c.add_argument("--out", required=True, help="output folder for the sweep (required)")
+    c.set_defaults(func=run_calibrate)
+
+    p = subparsers.add_parser(
+        "probe", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="rank layers by how well their activations separate benign from malicious prompts (MoGU v2)",
+        description="Fits a logistic-regression probe per target layer on --train prompts and ranks the layers by "
+                    "its accuracy on --heldout prompts. Writes probe.json and probe.png in --out. Use the best K with "
+                    "MoGUConfig(layers=[...]) or layers='auto:K'.",
+        epilog="Example: mogu probe --model M --train mogu/samples/safety/train.jsonl "
+               "--heldout mogu/samples/safety/validation.jsonl --out runs/probe --top 8")
+    _model_args(p)
+    p.add_argument("--train", nargs="+", required=True, help="labelled prompt files to fit the probes (required)")
+    p.add_argument("--heldout", nargs="+", required=True, help="labelled prompt files to score them (required)")
+    p.add_argument("--top", type=int, default=None, help="mark and print the best K layers (default: none)")
+    p.add_argument("--out", required=True, help="output folder (required)")
+    p.set_defaults(func=run_probe)
+
+
+def _rows(paths):
+    from .prompt_files import read_prompt_file
+    return [r for path in paths for r in read_prompt_file(path)]
+
+
+def run_calibrate(args) -> int:
+    from .calibration import calibrate
+    from .checkpoint import OWN_CONFIG
+    from .generation import load_for_inference
+
+    try:
+        for path in args.prompts:                           # malformed files fail before the model loads
+            _rows([path])
+        if not os.path.exists(os.path.join(args.mogu, OWN_CONFIG)):
+            raise FileNotFoundError(f"MoGU folder config not found: {os.path.join(args.mogu, OWN_CONFIG)}")
+        model, tokenizer = load_for_inference(args.model, args.mogu, gguf_file=args.gguf_file, dtype=args.dtype,
+                                              device=args.device)
+        result = calibrate(model, tokenizer, args.prompts, out=args.out, target_benign_refusal=args.target,
+                           offsets=args.offsets, mogu_dir=None if args.dry_run else args.mogu,
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system,
+                           progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        return _fail("calibrate", exc)
+    verdict = "meets" if result.met_target else "does NOT meet"
+    print(f"calibrate: chosen offset d={result.chosen:g} ({verdict} benign refusal <= {args.target:g}); "
+          f"{'not written (--dry-run)' if args.dry_run else 'written to ' + os.path.join(args.mogu, OWN_CONFIG)}; "
+          f"curve in {os.path.abspath(args.out)}")
+    return 0
+
+
+def run_probe(args) -> int:
+    from .generation import load_for_inference
+    from .probing import probe_layers
+
+    try:
+        train, heldout = _rows(args.train), _rows(args.heldout)
+        model, tokenizer = load_for_inference(args.model, gguf_file=args.gguf_file, dtype=args.dtype,
+                                              device=args.device)
+        result = probe_layers(model, tokenizer, train, heldout, out=args.out, top=args.top, system=args.system,
+                              batch_size=args.batch_size, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail("probe", exc)
+    for rank, layer in enumerate(result.ranking[:args.top or len(result.ranking)]):
+        print(f"{rank + 1:3d}. layer {layer:3d}  held-out accuracy {100 * result.accuracy[layer]:5.1f}%  "
+              f"({result.modules[layer]})")
+    if args.top:
+        print(f"probe: best {args.top}: layers={result.best(args.top)}")
+    return 0
