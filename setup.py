@@ -108,7 +108,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mogu_kernels", "mogu_kernels.*", "mogu", "mogu.*"]),
-    package_data={"mogu": ["samples/*.json"]},
+    package_data={"mogu": ["samples/*.json", "samples/*.md", "samples/safety/*.jsonl", "samples/safety/*.md",
+                           "samples/safety/raw/*.jsonl", "samples/safety/jailbreak_templates/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",

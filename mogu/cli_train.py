@@ -94,6 +94,9 @@ def register(subparsers) -> None:
     g.add_argument("--target-modules", nargs="+", default=None,
                    help="module-name suffixes to adapt (default: the family's attention output projection: "
                         "self_attn.o_proj for Llama/Mistral/Qwen2, self_attention.dense for Falcon)")
+    g.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="only these target-module indices get LoRA (MoGU v2 layer selection; see mogu probe) "
+                        "(default: all)")
     _data_args(g)
     _run_args(e, "--pairs-per-step", EXPERT_DEFAULTS["pairs_per_step"], "pairs per optimizer step",
               EXPERT_DEFAULTS["lr"], EXPERT_DEFAULTS["epochs"])
@@ -127,6 +130,12 @@ def register(subparsers) -> None:
                    help="LoRA dropout on the frozen experts; 0 runs the fused op (default: %(default)s)")
     g.add_argument("--target-modules", nargs="+", default=None,
                    help="module-name suffixes the experts adapt (default: the family's attention output projection)")
+    g.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="target-module indices that carry MoGU (default: those the expert adapters cover)")
+    g.add_argument("--joint", action="store_true",
+                   help="MoGU v2 joint adaptation: train the experts together with the routers (default: off)")
+    g.add_argument("--expert-lr", type=float, default=None,
+                   help="learning rate of the experts with --joint (default: --lr)")
     _data_args(g)
     _run_args(r, "--examples-per-step", ROUTER_DEFAULTS["examples_per_step"],
               "examples per optimizer step (gradient accumulation)", ROUTER_DEFAULTS["lr"], ROUTER_DEFAULTS["epochs"])
@@ -163,7 +172,8 @@ def _train_expert(args) -> int:
     model, tokenizer = _load(args)
     result = train_expert(model, tokenizer, args.expert, args.affirm, args.reject, args.out, r=args.r,
                           lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                          target_modules=args.target_modules, pairs_per_step=args.pairs_per_step, **_common(args))
+                          target_modules=args.target_modules, layers=args.layers, pairs_per_step=args.pairs_per_step,
+                          **_common(args))
     print(f"{args.expert} expert: {result.global_step} steps -> {result.output_dir} (log {result.log_file})")
     return 0
 
@@ -174,7 +184,7 @@ def _train_router(args) -> int:
     model, tokenizer = _load(args)
     result = train_router(model, tokenizer, args.glad, args.unwill, args.data, args.out, labels=args.labels,
                           router=args.router, router_hidden=args.router_hidden, target_modules=args.target_modules,
-                          lam=args.lam, expert_dropout=args.expert_dropout, examples_per_step=args.examples_per_step,
+                          layers=args.layers, joint=args.joint, expert_lr=args.expert_lr, lam=args.lam, expert_dropout=args.expert_dropout, examples_per_step=args.examples_per_step,
                           **_common(args))
     print(f"routers: {result.global_step} steps -> {result.output_dir} (folded copy in "
           f"{result.output_dir}/folded; log {result.log_file})")
