@@ -32,7 +32,7 @@ Small settings for a 2-core CPU versus the published recipe (7B on a GPU):
 setting                this example (CPU)      published / 7B on a GPU
 =====================  ======================  =====================================
 answer length          32 new tokens           256-512 (--data-max-new-tokens)
-max_length             96 tokens               1024 (--max-length)
+max_length             192 tokens              1024 (--max-length)
 expert pairs           64 per expert           all (--expert-pairs 0)
 expert lr / epochs     2e-4 / 3                5e-5 / 10 (--expert-lr, --expert-epochs)
 router lr / epochs     1e-3 / 1 over all rows  5e-4 / 10 (--router-lr, --router-epochs)
@@ -100,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--joint", action="store_true", help="MoGU v2 joint adaptation: experts train in stage 2 too")
     p.add_argument("--data-max-new-tokens", type=int, default=32)
     p.add_argument("--gen-batch-size", type=int, default=24, help="prompts per generate call")
-    p.add_argument("--max-length", type=int, default=96)
+    p.add_argument("--max-length", type=int, default=192, help="tokens per training sequence (the longest train prompt is 150)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--expert-pairs", type=int, default=64, help="train pairs per expert (0: all)")
     p.add_argument("--expert-lr", type=float, default=2e-4)

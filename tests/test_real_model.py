@@ -168,15 +168,16 @@ DIAL_REFUSAL = "I'm sorry, but I cannot help with that request."
 def test_calibration_moves_benign_refusals_down_on_the_real_model(smol, tmp_path):
     from mogu import safety_data
 
-    val = [r for r in safety_data.load_split("validation") if r["category"] == "benign"][:8]
-    train = [r for r in safety_data.load_split("train") if r["category"] == "benign"][:12]
+    def short(split):                  # short benign prompts keep the run small
+        return [r for r in safety_data.load_split(split) if r["category"] == "benign" and len(r["instruction"]) < 60]
+    val, train = short("validation")[:8], short("train")[:12]
     affirm = [{"instruction": r["instruction"], "output": "Sure, here is a short answer."} for r in train]
     reject = [{"instruction": r["instruction"], "output": DIAL_REFUSAL} for r in train]
     (tmp_path / "a.json").write_text(json.dumps(affirm))
     (tmp_path / "r.json").write_text(json.dumps(reject))
     model = copy.deepcopy(smol.model)
     mogu.train_expert(model, smol.tok, "unwill", tmp_path / "a.json", tmp_path / "r.json", tmp_path / "unwill",
-                      lr=2e-3, epochs=2, pairs_per_step=4, batch_size=4, max_length=48, lora_dropout=0.0,
+                      lr=2e-3, epochs=2, pairs_per_step=4, batch_size=4, max_length=80, lora_dropout=0.0,
                       overwrite=True, progress=False, save_steps=None)
     torch.manual_seed(0)
     mogu.training.load_experts(model, tmp_path / "unwill", tmp_path / "unwill")       # routers fresh: gates ~0.5
