@@ -12,24 +12,7 @@ import os
 import sys
 
 from .calibration import DEFAULT_OFFSETS
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="local Hugging Face model folder (or the folder of --gguf-file) "
-                                                  "(required)")
-    g.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (default: none)")
-    g.add_argument("--dtype", default="auto",
-                   help="float32 | bfloat16 | float16 | auto (fp32 on CPU, bf16 on CUDA) (default: %(default)s)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    g.add_argument("--system", default=None, help="system prompt for rows without their own (default: none)")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per forward/generate call (default: %(default)s)")
-    g.add_argument("--no-progress", action="store_true", help="hide progress output (default: shown)")
-
-
-def _fail(command: str, exc: Exception) -> int:
-    print(f"mogu {command}: error: {exc}", file=sys.stderr)
-    return 1
+from .cli_eval import _fail, _model_args      # the same model options and error line as mogu eval
 
 
 def register(subparsers) -> None:
@@ -42,7 +25,7 @@ def register(subparsers) -> None:
                     "(refusal on malicious vs benign as d moves) in --out.",
         epilog="Example: mogu calibrate --model M --mogu runs/x/router/folded "
                "--prompts mogu/samples/safety/validation.jsonl --out runs/x/calibration")
-    _model_args(c)
+    _model_args(c, with_mogu=False)
     c.add_argument("--mogu", required=True, help="MoGU folder (own format); its mogu_config.json receives the dial "
                                                  "(required)")
     c.add_argument("--prompts", nargs="+", required=True,
@@ -65,7 +48,7 @@ def register(subparsers) -> None:
                     "MoGUConfig(layers=[...]) or layers='auto:K'.",
         epilog="Example: mogu probe --model M --train mogu/samples/safety/train.jsonl "
                "--heldout mogu/samples/safety/validation.jsonl --out runs/probe --top 8")
-    _model_args(p)
+    _model_args(p, with_mogu=False)
     p.add_argument("--train", nargs="+", required=True, help="labelled prompt files to fit the probes (required)")
     p.add_argument("--heldout", nargs="+", required=True, help="labelled prompt files to score them (required)")
     p.add_argument("--top", type=int, default=None, help="mark and print the best K layers (default: none)")

@@ -298,3 +298,17 @@ def test_experts_and_routers_on_chosen_layers_and_joint_adaptation(tok, tmp_path
     with pytest.raises(ValueError, match="joint"):
         mogu.train_router(tiny_llama(layers=3), tok, tmp_path / "glad", tmp_path / "unwill", str(data),
                           tmp_path / "r2", expert_lr=1e-3, **FAST)
+
+
+def test_cli_calibrate_and_probe_fail_with_one_line_before_loading(tmp_path, capsys):
+    from mogu.cli import main
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"instruction": "w10 w11", "label": "benign"}) + "\n")
+    # the model folder does not exist: every check that names a given path comes first
+    assert main(["probe", "--model", str(tmp_path / "nope"), "--train", str(tmp_path / "missing.jsonl"),
+                 "--heldout", str(val), "--out", str(tmp_path / "p")]) == 1
+    assert "mogu probe: error: prompt file not found" in capsys.readouterr().err
+    assert main(["calibrate", "--model", str(tmp_path / "nope"), "--mogu", str(tmp_path / "no-mogu"),
+                 "--prompts", str(val), "--out", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mogu calibrate: error:") and "no-mogu" in err and "mogu_config.json" in err
