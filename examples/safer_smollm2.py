@@ -96,28 +96,34 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one full training run per seed")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="train in bfloat16 (GPU)")
-    p.add_argument("--layers", default="auto:10", help="'all', 'auto:K' (probe on validation) or e.g. '3,7,12'")
+    p.add_argument("--layers", default="all", help="'all', 'auto:K' (probe on validation) or e.g. '3,7,12'")
     p.add_argument("--joint", action="store_true", help="MoGU v2 joint adaptation: experts train in stage 2 too")
     p.add_argument("--data-max-new-tokens", type=int, default=32)
     p.add_argument("--gen-batch-size", type=int, default=24, help="prompts per generate call")
     p.add_argument("--max-length", type=int, default=192, help="tokens per training sequence (the longest train prompt is 150)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--expert-pairs", type=int, default=64, help="train pairs per expert (0: all)")
-    p.add_argument("--expert-lr", type=float, default=2e-4)
+    p.add_argument("--expert-lr", type=float, default=5e-4)
     p.add_argument("--expert-epochs", type=int, default=3)
     p.add_argument("--pairs-per-step", type=int, default=4)
-    p.add_argument("--router-lr", type=float, default=1e-3)
+    p.add_argument("--router-lr", type=float, default=2e-3)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping in both stages")
     p.add_argument("--router-epochs", type=int, default=1)
     p.add_argument("--examples-per-step", type=int, default=8)
     p.add_argument("--lam", type=float, default=10.0)
     p.add_argument("--target-benign-refusal", type=float, default=0.05)
-    p.add_argument("--offsets", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
+    p.add_argument("--offsets", type=float, nargs="+", default=[-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0])
     p.add_argument("--calibration-prompts", type=int, default=100,
                    help="validation prompts for the dial (40%% benign, 20%% borderline, 30%% malicious, 10%% jailbreak)")
-    p.add_argument("--calibration-max-new-tokens", type=int, default=24)
+    p.add_argument("--calibration-max-new-tokens", type=int, default=16)
     p.add_argument("--eval-max-new-tokens", type=int, default=32)
     p.add_argument("--template-prompts", type=int, default=12,
                    help="test malicious prompts wrapped in each held-out jailbreak template")
+    p.add_argument("--no-base", action="store_true",
+                   help="skip the base-model column (seed independent; e.g. for all but one of parallel runs)")
+    p.add_argument("--combine", nargs="+", default=None, metavar="DIR",
+                   help="only merge the results.json of earlier runs (e.g. one seed each, run in parallel) into "
+                        "--out/results.json")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -165,6 +171,8 @@ def spread(values):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.combine:
+        return combine(args.combine, os.path.abspath(args.out))
     model_dir = args.model or smollm2_folder()
     gguf = args.gguf_file if args.gguf_file is not None else (None if args.model else GGUF)
     out = os.path.abspath(args.out)
@@ -223,10 +231,10 @@ def main(argv=None) -> dict:
     calib_file = write_jsonl(os.path.join(out, "eval_inputs", "validation_for_calibration.jsonl"), calib_rows)
 
     per_seed = {}
-    base_rates = None
+    base_rates = base_templates = None
     files = data.files
     common = dict(batch_size=args.batch_size, max_length=args.max_length, save_steps=None, overwrite=True,
-                  progress=progress, bf16=args.bf16)
+                  progress=progress, bf16=args.bf16, max_grad_norm=args.max_grad_norm)
     for seed in args.seeds:
         run = os.path.join(out, f"seed{seed}")
         torch.manual_seed(seed)
@@ -258,7 +266,7 @@ def main(argv=None) -> dict:
         print(f"seed {seed}: router offset {cal.chosen:g} (target met on validation: {cal.met_target})", flush=True)
         step(f"seed{seed}_calibrate")
 
-        first = base_rates is None                      # the base column is seed independent: once
+        first = base_rates is None and not args.no_base   # the base column is seed independent: once
         ev = evaluate(model, tokenizer, [test_file], out=os.path.join(run, "eval_test"),
                       max_new_tokens=args.eval_max_new_tokens, batch_size=args.gen_batch_size, compare_base=first,
                       overwrite=True, progress=progress)
@@ -270,6 +278,8 @@ def main(argv=None) -> dict:
         seed_rates["jailbreak_heldout_templates"] = tmpl
         if first:
             base_rates = {cat: v.get("base") for cat, v in seed_rates.items()}
+            base_templates = {k: v.get("base", {}).get("attack_success_rate")
+                              for k, v in (jb.summary.get("by_template") or {}).items()}
         per_seed[seed] = {"mogu": {cat: v.get("mogu") for cat, v in seed_rates.items()},
                           "router_offset": cal.chosen, "calibration_met_target": cal.met_target,
                           "calibration_curve": cal.curve,
@@ -277,27 +287,55 @@ def main(argv=None) -> dict:
                                           for k, v in (jb.summary.get("by_template") or {}).items()}}
         step(f"seed{seed}_evaluate")
 
-    keys = list(CATEGORIES) + ["jailbreak_heldout_templates"]
-    summary = {k: {"base": base_rates.get(k), "mogu": spread([per_seed[s]["mogu"].get(k) for s in per_seed])}
-               for k in keys}
     counts = {split: safety_data.counts(safety_data.load_split(split)) for split in safety_data.SPLITS}
     results = {
-        "test_refusal_rate": summary, "per_seed": per_seed, "layers": layers, "joint": args.joint,
-        "splits": counts, "data": data.report["counts"], "seconds": timings,
+        "per_seed": per_seed, "base": base_rates, "base_templates": base_templates, "layers": layers,
+        "joint": args.joint, "splits": counts, "data": data.report["counts"], "seconds": timings,
         "total_seconds": round(time.time() - start, 1), "settings": vars(args), "machine": host,
         "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "deployment_bytes": {s: os.path.getsize(os.path.join(out, f"seed{s}", "router", "folded",
                                                              "mogu_model.safetensors")) for s in per_seed},
     }
+    return report(results, out)
+
+
+KEYS = list(CATEGORIES) + ["jailbreak_heldout_templates"]
+
+
+def report(results: dict, out: str) -> dict:
+    """Add mean and spread over seeds (``test_refusal_rate``), write results.json, print the table."""
+    per_seed, base = results["per_seed"], results.get("base") or {}
+    results["test_refusal_rate"] = {k: {"base": base.get(k), "mogu": spread([per_seed[s]["mogu"].get(k)
+                                                                             for s in per_seed])} for k in KEYS}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print("\ntest split, refusal rate (MoGU: mean +- std over seeds " + ", ".join(map(str, per_seed)) + ")")
-    for k in keys:
-        m, b = summary[k]["mogu"], summary[k]["base"]
+    for k in KEYS:
+        m, b = results["test_refusal_rate"][k]["mogu"], results["test_refusal_rate"][k]["base"]
         shown = "-" if m is None else f"{100 * m['mean']:.1f}% +- {100 * m['std']:.1f}"
         print(f"  {k:<28} base {'-' if b is None else f'{100 * b:.1f}%':>7}   MoGU {shown}")
-    print(f"({results['total_seconds'] / 60:.1f} min; {out}/results.json)")
+    print(f"({out}/results.json)")
     return results
+
+
+def combine(dirs, out: str) -> dict:
+    """Merge the results.json of runs that each covered some seeds (same settings)."""
+    runs = []
+    for d in dirs:
+        with open(os.path.join(d, "results.json"), encoding="utf-8") as f:
+            runs.append(json.load(f))
+    merged = dict(runs[0])
+    merged["per_seed"] = {s: v for r in runs for s, v in r["per_seed"].items()}
+    merged["base"] = next((r["base"] for r in runs if r.get("base")), None)
+    merged["base_templates"] = next((r["base_templates"] for r in runs if r.get("base_templates")), None)
+    merged["runs"] = {d: {"seconds": r["seconds"], "total_seconds": r["total_seconds"], "machine": r["machine"],
+                          "load_average_at_end": r.get("load_average_at_end")} for d, r in zip(dirs, runs)}
+    ignore = ("seeds", "out", "no_base", "combine", "no_progress")
+    settings = [{k: v for k, v in r["settings"].items() if k not in ignore} for r in runs]
+    if any(s != settings[0] for s in settings):
+        raise SystemExit("combine: the runs used different settings: " + json.dumps(settings))
+    os.makedirs(out, exist_ok=True)
+    return report(merged, out)
 
 
 if __name__ == "__main__":
