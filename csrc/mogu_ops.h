@@ -1,6 +1,6 @@
 // mogu_ops.h: the C++ side of the ``mogu_C`` torch library (extension ``mogu_kernels._C``).
 //
-// Op contract (DESIGN.md section 2; E experts of rank r, Er = E * r):
+// Op contract (docs/design.md section 2; E experts of rank r, Er = E * r):
 //
 //   mogu_C::mogu_linear(x, weight, bias?, lora_A, lora_B, router_weight, router_bias,
 //                       scaling, base_rows?) -> (y, gates, saved)

@@ -1,4 +1,4 @@
-"""MoGU training, published recipe by default (DESIGN.md section 1).
+"""MoGU training, published recipe by default (docs/design.md section 1).
 
 Stage 1, :func:`train_expert`: one LoRA expert on the target projection (peft), trained on
 pairs (same instruction, a compliant ``affirm`` answer and a refusing ``reject`` answer)
@@ -56,7 +56,7 @@ from . import data as mdata
 from .config import EXPERTS, ROUTER_HEADS, MoGUConfig
 from .patching import find_targets, is_patched, patch_model, patched_modules
 
-# Published defaults (DESIGN.md section 1), shared with the CLI's --help.
+# Published defaults (docs/design.md section 1), shared with the CLI's --help.
 EXPERT_DEFAULTS = dict(r=8, lora_alpha=16.0, lora_dropout=0.05, lr=5e-5, pairs_per_step=8, epochs=10)
 ROUTER_DEFAULTS = dict(lam=2.0, lr=5e-4, examples_per_step=16, epochs=10, router_hidden=512)
 COMMON_DEFAULTS = dict(batch_size=1, max_length=1024, save_steps=100, seed=42, weight_decay=0.01)

@@ -1,7 +1,7 @@
 """Triton kernels of the ``triton`` backend (launchers, autotuning and autograd live in
 :mod:`mogu_kernels.triton_backend`).
 
-Notation (see DESIGN.md section 2): x (M, K) rows, W (N, K), E experts of rank R,
+Notation (see docs/design.md section 2): x (M, K) rows, W (N, K), E experts of rank R,
 ``S = [A_0; ...; A_{E-1}]`` the stacked shrink ((E*R) x K, stacked column c = e*R + j is row
 j of expert e), ``[B_0 | ... | B_{E-1}]`` the stacked expand (N x E*R), router vectors
 v (E, K) and biases c (E,)::

@@ -5,7 +5,7 @@ import torch
 
 
 def spec_mogu_linear(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows=None):
-    """float64, one expert at a time, exactly as DESIGN.md section 2 writes it."""
+    """float64, one expert at a time, exactly as docs/design.md section 2 writes it."""
     x64 = x.double()
     gates = torch.sigmoid(x64 @ router_weight.double().T + router_bias.double())
     base = x64 @ weight.double().T

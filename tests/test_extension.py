@@ -1,7 +1,7 @@
 """The C++/CUDA extension ``mogu_kernels._C``: backends ``cpp`` (CPU) and ``cuda``.
 
 Every result is checked against ``expected`` below, a float64 statement of the op written
-independently of mogu_kernels (per-expert einsums, as DESIGN.md section 2 states the
+independently of mogu_kernels (per-expert einsums, as docs/design.md section 2 states the
 formula), on fresh random inputs. Tests that need the built extension skip when it is not
 loadable, except ``test_extension_is_built``, which fails then (unless the build was
 switched off with MOGU_BUILD_EXT=0), so a broken build cannot pass silently.

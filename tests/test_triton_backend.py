@@ -45,7 +45,7 @@ def _no_autotune(monkeypatch):
 
 # ----------------------------------------------------------------------------- helpers
 def _float64_mogu(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows=None):
-    """y and gates in float64, written straight from DESIGN.md section 2."""
+    """y and gates in float64, written straight from docs/design.md section 2."""
     x = x.double()
     gates = torch.sigmoid(torch.einsum("...k,ek->...e", x, router_weight.double()) + router_bias.double())
     base = torch.einsum("...k,nk->...n", x, weight.double())
