@@ -37,35 +37,74 @@ class Backend:
 
 
 _REGISTRY: Dict[str, Backend] = {}
+_MISSING: Dict[str, str] = {}          # backend name -> why its module failed to import
 _WARNED: set = set()
 
 
 def register_backend(backend: Backend) -> None:
     """Add (or replace) a backend under ``backend.name``."""
     _REGISTRY[backend.name] = backend
+    _MISSING.pop(backend.name, None)
 
 
 def registered_backends() -> Dict[str, Backend]:
     return dict(_REGISTRY)
 
 
+def record_missing(name: str, reason: str) -> None:
+    """Note a backend whose module could not be imported (reported by
+    :func:`unavailable_backends` and when the backend is asked for by name)."""
+    _MISSING[name] = reason
+
+
+def _local_devices() -> List[torch.device]:
+    """The device types this process can run on: the CPU, and CUDA when present."""
+    return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
+def _all_names() -> List[str]:
+    preferred = list(dict.fromkeys(n for order in PREFERENCE.values() for n in order))
+    return preferred + [n for n in list(_REGISTRY) + list(_MISSING) if n not in preferred]
+
+
+def _why_not(name: str, devices: List[torch.device]) -> Optional[str]:
+    """None when backend ``name`` runs on one of ``devices``, else the reason it does not."""
+    b = _REGISTRY.get(name)
+    if b is None:
+        return _MISSING.get(name, "not registered")
+    reason = b.unavailable_reason()
+    if reason is not None:
+        return reason
+    if not any(b.supports_device(d) for d in devices):
+        kinds = ", ".join(d.type for d in devices)
+        extra = "" if torch.cuda.is_available() else "; no CUDA device here"
+        return f"cannot run on {kinds} tensors{extra}"
+    return None
+
+
 def available_backends(device: Optional[torch.device | str] = None) -> List[str]:
-    """Names of the backends that can run now (on ``device`` if given), fastest first."""
-    names = list(dict.fromkeys(n for order in PREFERENCE.values() for n in order)) + [
-        n for n in _REGISTRY if not any(n in order for order in PREFERENCE.values())]
-    out = []
-    for name in names:
-        b = _REGISTRY.get(name)
-        if b is None or b.unavailable_reason() is not None:
-            continue
-        if device is not None and not b.supports_device(torch.device(device)):
-            continue
-        out.append(name)
+    """Names of the backends that run here, fastest first: on ``device`` if given, else on
+    a device this process has (the CPU; CUDA when present)."""
+    devices = [torch.device(device)] if device is not None else _local_devices()
+    return [n for n in _all_names() if _why_not(n, devices) is None]
+
+
+def unavailable_backends(device: Optional[torch.device | str] = None) -> Dict[str, str]:
+    """Each known backend that does NOT run here (as in :func:`available_backends`), with
+    the reason: its module failed to import, the extension is not built, no device."""
+    devices = [torch.device(device)] if device is not None else _local_devices()
+    out = {}
+    for n in _all_names():
+        reason = _why_not(n, devices)
+        if reason is not None:
+            out[n] = reason
     return out
 
 
 def _explicit(name: str, device: torch.device, source: str) -> Backend:
     b = _REGISTRY.get(name)
+    if b is None and name in _MISSING:
+        raise RuntimeError(f"mogu_linear: backend {name!r} (from {source}) is unavailable: {_MISSING[name]}")
     if b is None:
         raise ValueError(f"mogu_linear: unknown backend {name!r} (from {source}); "
                          f"registered: {sorted(_REGISTRY)}")

@@ -134,3 +134,33 @@ def test_env_var_selects_backend(monkeypatch):
     monkeypatch.setenv("MOGU_BACKEND", "does-not-exist")
     with pytest.raises(ValueError, match="MOGU_BACKEND"):
         mogu_kernels.mogu_linear(*make_inputs(3, 16, 12, 4), 2.0)
+
+
+def test_backends_that_do_not_run_here_say_why(monkeypatch):
+    """A backend whose module failed to import is listed with its reason and, asked for
+    by name, raises with that reason (not "unknown backend")."""
+    from mogu_kernels import dispatch
+    monkeypatch.setattr(dispatch, "_MISSING", {"vanished": "mogu_kernels.vanished failed to import (ImportError: x)"})
+    assert "vanished" not in mogu_kernels.available_backends()
+    assert "ImportError: x" in mogu_kernels.unavailable_backends()["vanished"]
+    args = make_inputs(2, 8, 6, 2, seed=0)
+    with pytest.raises(RuntimeError, match="ImportError: x"):
+        mogu_kernels.mogu_linear(*args, 1.0, backend="vanished")
+    with pytest.raises(ValueError, match="unknown backend"):
+        mogu_kernels.mogu_linear(*args, 1.0, backend="never-heard-of")
+
+
+def test_available_backends_without_a_device_lists_only_what_runs_here():
+    """Without CUDA and without the Triton interpreter, triton does not run here: it is
+    left out and reported with the reason (a fresh process, since the env var is read at import)."""
+    import subprocess
+    import sys
+    code = ("import mogu_kernels as m, json; "
+            "print(json.dumps([m.available_backends(), m.unavailable_backends()]))")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    available, unavailable = __import__("json").loads(out.stdout)
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: triton runs here")
+    assert "triton" not in available and "reference" in available
+    assert "triton" in unavailable and "cpu" in unavailable["triton"]
