@@ -32,6 +32,29 @@ from .config import EXPERTS, ROUTER_HEADS, MoGUConfig
 MODES = ("mogu", "base") + EXPERTS
 
 
+_WRAPPABLE = {nn.Linear}
+
+
+def wrappable_classes() -> set:
+    """The linear classes ``MoGULinear`` may wrap: ``nn.Linear``, Falcon's ``FalconLinear``
+    (same maths, bias added after the matmul) and any added by :func:`register_wrappable`."""
+    try:
+        from transformers.models.falcon.modeling_falcon import FalconLinear
+        _WRAPPABLE.add(FalconLinear)
+    except ImportError:
+        pass
+    return set(_WRAPPABLE)
+
+
+def register_wrappable(cls: type) -> type:
+    """Allow ``MoGULinear`` to wrap ``cls``, a linear class whose forward computes exactly
+    ``x @ weight.T + bias`` from its ``weight`` (N, K) and ``bias`` (N,) or None."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"register_wrappable: expected an nn.Module subclass, got {cls!r}")
+    _WRAPPABLE.add(cls)
+    return cls
+
+
 class RouterHead(nn.Module):
     """The published router head: Linear(d, h, no bias) -> Linear(h, d) -> Linear(d, 1).
 
@@ -79,6 +102,13 @@ class MoGULinear(nn.Module):
         weight = getattr(base_layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"MoGU can only wrap linear layers with a 2-D weight, got {type(base_layer).__name__}")
+        if type(base_layer) not in wrappable_classes():
+            raise ValueError(
+                f"MoGU cannot wrap a {type(base_layer).__module__}.{type(base_layer).__qualname__}: its base path runs "
+                f"the wrapped class's forward with the MoGU layer's weight and bias, which is only known to be right "
+                f"for {sorted(c.__qualname__ for c in wrappable_classes())}. A class whose forward reads other state "
+                f"(quantized or peft linears) would silently compute something else. If its forward is exactly "
+                f"x @ weight.T + bias, allow it with mogu.layer.register_wrappable({type(base_layer).__qualname__}).")
         # Share, never copy, the base parameters; keep the original module (unregistered,
         # so it adds no state-dict keys) for unpatching and for the bitwise base path.
         self.weight = base_layer.weight

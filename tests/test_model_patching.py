@@ -190,3 +190,36 @@ def test_dropout_training_path_matches_fused_when_dropout_inactive():
         layer.lora_dropout.p = 0.0                           # same path, no randomness
         unfused = layer(x)
     assert rel_err(unfused, fused) < 1e-5
+
+
+def test_foreign_linear_subclasses_are_refused_by_name():
+    """A linear subclass whose forward reads other state would be computed wrongly by the
+    bitwise base path: patching refuses it, naming the class, until it is registered."""
+    import torch.nn as nn
+    from mogu.layer import MoGULinear, register_wrappable, wrappable_classes
+
+    class ScaledLinear(nn.Linear):                  # forward reads more than weight and bias
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.scale = 2.0
+
+        def forward(self, x):
+            return super().forward(x) * self.scale
+
+    with pytest.raises(ValueError, match="ScaledLinear"):
+        MoGULinear(ScaledLinear(8, 6), mogu.MoGUConfig(router_hidden=4))
+    model = tiny_llama()
+    model.model.layers[0].self_attn.o_proj = ScaledLinear(40, 40)
+    with pytest.raises(ValueError, match="register_wrappable"):
+        mogu.patch_model(model)
+    assert not mogu.is_patched(model)
+
+    class PlainLinear(nn.Linear):
+        pass
+    try:
+        register_wrappable(PlainLinear)
+        MoGULinear(PlainLinear(8, 6), mogu.MoGUConfig(router_hidden=4))
+    finally:
+        from mogu import layer
+        layer._WRAPPABLE.discard(PlainLinear)
+    assert PlainLinear not in wrappable_classes()
