@@ -115,13 +115,18 @@ def test_extension_is_built():
 
 
 def test_both_backends_always_registered():
+    """cpp and cuda are registered even when one cannot run: asking for cuda with CPU
+    tensors raises (not "unknown backend") and the CPU default is never cuda."""
     registered = dispatch.registered_backends()
     assert {"cpp", "cuda"} <= set(registered)
-    assert registered["cpp"].supports_device(torch.device("cpu"))
-    assert not registered["cpp"].supports_device(torch.device("cuda"))
-    assert registered["cuda"].supports_device(torch.device("cuda"))
+    args = make_args(3, 16, 12, 4, 2, seed=3)
+    with pytest.raises(RuntimeError, match="cuda"):
+        mogu_kernels.mogu_linear(*args, 1.0, backend="cuda")
+    assert "cuda" not in mogu_kernels.available_backends("cpu")
+    assert dispatch.resolve_backend("cpu").name != "cuda"
     if extension.LOAD_ERROR is None and not extension._C.WITH_CUDA:
         assert "without its CUDA sources" in registered["cuda"].unavailable_reason()
+        assert "without its CUDA sources" in mogu_kernels.unavailable_backends()["cuda"]
 
 
 def test_fallback_when_extension_is_unavailable(monkeypatch):

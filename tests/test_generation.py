@@ -391,13 +391,21 @@ def test_cli_generate_streams_the_mogu_answer(saved_tiny, capsys):
     base_text = capsys.readouterr().out.strip()
     assert base_text == saved_tiny.tok.decode(base_new, skip_special_tokens=True).strip()
     assert base_text != expected
-    # Sampling with a seed is reproducible.
-    args = ["generate", "--model", str(saved_tiny.root / "model"), "--mogu", str(saved_tiny.root / "release"),
-            "--prompt", "w10", "--max-new-tokens", "6", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]
-    assert main(args) == 0
-    first = capsys.readouterr().out
-    assert main(args) == 0
-    assert capsys.readouterr().out == first
+    # Sampling with a seed is reproducible, and it really samples: some seed's answer differs
+    # from the greedy one (an ignored --temperature would give the greedy answer every time).
+    common = ["generate", "--model", str(saved_tiny.root / "model"), "--mogu", str(saved_tiny.root / "release"),
+              "--prompt", "w10", "--max-new-tokens", "6"]
+    assert main(common) == 0
+    greedy = capsys.readouterr().out
+    sampled = []
+    for seed in ("3", "4", "5"):
+        args = common + ["--temperature", "1.5", "--top-p", "1.0", "--seed", seed]
+        assert main(args) == 0
+        first = capsys.readouterr().out
+        assert main(args) == 0
+        assert capsys.readouterr().out == first
+        sampled.append(first)
+    assert any(s != greedy for s in sampled), (greedy, sampled)
 
 
 def test_cli_chat_keeps_history(saved_tiny, capsys, monkeypatch):

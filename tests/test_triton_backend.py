@@ -290,12 +290,18 @@ def test_the_triton_kernels_are_what_runs(monkeypatch):
 
 
 def test_device_support_rules(monkeypatch):
-    """CUDA always; CPU only while TRITON_INTERPRET=1 and the kernels were built by the interpreter."""
-    b = mogu_kernels.dispatch.registered_backends()["triton"]
-    assert b.supports_device(torch.device("cuda"))
-    assert b.supports_device(torch.device("cpu")) == triton_backend.INTERPRET
+    """CUDA always; CPU only while TRITON_INTERPRET=1: without it, asking for triton on CPU
+    tensors raises with the reason and the dispatcher never picks it for them."""
+    args = _inputs(3, 16, 12, 4, 2, seed=4)
+    args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+    if triton_backend.INTERPRET:
+        y, _ = mogu_kernels.mogu_linear(*args, SCALING, backend="triton")      # runs under the interpreter
+        assert _rel(y, _float64_mogu(*args, SCALING)[0]) < TOL[torch.float32]
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not b.supports_device(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="cannot run on cpu"):
+        mogu_kernels.mogu_linear(*args, SCALING, backend="triton")
+    assert "triton" not in mogu_kernels.available_backends("cpu")
+    assert mogu_kernels.resolve_backend("cpu").name != "triton"
     if DEVICE == "cuda":
         assert mogu_kernels.resolve_backend("cuda").name == "triton"   # the default on CUDA tensors
 
