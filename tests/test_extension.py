@@ -1,8 +1,8 @@
 """The C++/CUDA extension ``mogu_kernels._C``: backends ``cpp`` (CPU) and ``cuda``.
 
-Every result is checked against ``expected`` below, a float64 statement of the op written
-independently of mogu_kernels (per-expert einsums, as docs/design.md section 2 states the
-formula), on fresh random inputs. Tests that need the built extension skip when it is not
+Every result is checked against ``op_spec.spec_mogu_linear``, the float64 statement of the
+op shared by every backend's tests and written independently of mogu_kernels (one expert at
+a time, as docs/design.md section 2 states the formula), on fresh random inputs. Tests that need the built extension skip when it is not
 loadable, except ``test_extension_is_built``, which fails then (unless the build was
 switched off with MOGU_BUILD_EXT=0), so a broken build cannot pass silently.
 """
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import mogu_kernels
 from mogu_kernels import dispatch, extension
+from op_spec import make_inputs, random_base_rows, rel_err, spec_mogu_linear
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -35,65 +36,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 # ----------------------------------------------------------------------------- helpers
-def expected(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows=None):
-    """float64: gates = sigmoid(x v^T + c); y = sum(gates) (x W^T + b) + s sum_e g_e B_e A_e x;
-    base rows: y = x W^T + b. Differentiable (float64 autograd gives the reference gradients)."""
-    X = x.double()
-    logits = torch.einsum("...k,ek->...e", X, router_weight.double()) + router_bias.double()
-    g = 1.0 / (1.0 + torch.exp(-logits))
-    base = torch.einsum("...k,nk->...n", X, weight.double())
-    if bias is not None:
-        base = base + bias.double()
-    shrink = torch.einsum("...k,erk->...er", X, lora_A.double())
-    delta = torch.einsum("...e,...er,enr->...n", g, shrink, lora_B.double())
-    y = g.sum(-1, keepdim=True) * base + scaling * delta
-    if base_rows is not None:
-        y = torch.where(base_rows.unsqueeze(-1), base, y)
-    return y, g
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def make_x(M: int, K: int, layout: str, dtype, g: torch.Generator) -> torch.Tensor:
-    """M rows of K features, laid out as named: 2d, 3d, strided_k (non-unit K stride),
-    strided_rows (row stride > K) or transposed (3-D, not viewable as (M, K))."""
-    if layout == "2d":
-        return torch.randn(M, K, generator=g).to(dtype)
-    if layout == "3d":
-        return torch.randn(2, (M + 1) // 2, K, generator=g).to(dtype)
-    if layout == "strided_k":
-        return torch.randn(M, 2 * K, generator=g).to(dtype)[:, ::2]
-    if layout == "strided_rows":
-        return torch.randn(M, K + 5, generator=g).to(dtype)[:, 3:K + 3]
-    if layout == "transposed":
-        return torch.randn((M + 1) // 2, 2, K, generator=g).to(dtype).transpose(0, 1)
-    raise ValueError(layout)
-
-
 def make_args(M, K, N, r, E, bias=True, layout="2d", dtype=torch.float32, seed=0, device="cpu"):
-    """(x, weight, bias, lora_A, lora_B, router_weight, router_bias); router tensors in fp32
-    (as the patched module passes them), the rest in ``dtype``; scales keep every term O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    x = make_x(M, K, layout, dtype, g)
-    weight = (torch.randn(N, K, generator=g) * K ** -0.5).to(dtype)
-    b = (torch.randn(N, generator=g) * 0.5).to(dtype) if bias else None
-    lora_A = (torch.randn(E, r, K, generator=g) * K ** -0.5).to(dtype)
-    lora_B = (torch.randn(E, N, r, generator=g) * r ** -0.5).to(dtype)
-    router_weight = torch.randn(E, K, generator=g) * K ** -0.5
-    router_bias = torch.randn(E, generator=g) * 0.5
-    out = (x, weight, b, lora_A, lora_B, router_weight, router_bias)
-    return tuple(t if t is None else t.to(device) for t in out)
-
-
-def random_base_rows(x: torch.Tensor, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.rand(x.shape[:-1], generator=g) < 0.4
-    rows.view(-1)[0] = True        # at least one of each kind
-    rows.view(-1)[-1] = False
-    return rows.to(x.device)
+    """op_spec.make_inputs with this file's argument order."""
+    return make_inputs(M, K, N, r, E, bias=bias, dtype=dtype, layout=layout, seed=seed, device=device)
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
@@ -143,8 +88,8 @@ def test_fallback_when_extension_is_unavailable(monkeypatch):
     ours = [w for w in caught if "backend 'cpp' is unavailable" in str(w.message)]
     assert len(ours) == 1 and issubclass(ours[0].category, RuntimeWarning)
     assert "simulated" in str(ours[0].message)
-    y_ref, g_ref = expected(*args, 2.0)
-    assert rel(y1, y_ref) < FWD_TOL[torch.float32] and rel(g1, g_ref) < FWD_TOL[torch.float32]
+    y_ref, g_ref = spec_mogu_linear(*args, 2.0)
+    assert rel_err(y1, y_ref) < FWD_TOL[torch.float32] and rel_err(g1, g_ref) < FWD_TOL[torch.float32]
     assert torch.equal(y1, y2)
     assert "cpp" not in mogu_kernels.available_backends("cpu")
     with pytest.raises(RuntimeError, match="simulated"):
@@ -190,8 +135,8 @@ def test_backend_cpp_really_runs_the_extension(monkeypatch):
     names = [e.name for e in prof.events()]
     assert names.count("mogu_C::mogu_linear") >= 2, sorted(set(names))
     assert "aten::sigmoid" not in names                            # the reference's gate op
-    y_ref, g_ref = expected(*args, 2.0)
-    assert rel(y, y_ref) < FWD_TOL[torch.float32] and rel(gates, g_ref) < FWD_TOL[torch.float32]
+    y_ref, g_ref = spec_mogu_linear(*args, 2.0)
+    assert rel_err(y, y_ref) < FWD_TOL[torch.float32] and rel_err(gates, g_ref) < FWD_TOL[torch.float32]
 
 
 # ----------------------------------------------------------------------------- forward
@@ -215,11 +160,11 @@ FORWARD_CASES = [  # M, K, N, r, E, bias, layout
 def test_forward_matches_float64(threads, dtype, M, K, N, r, E, bias, layout):
     args = make_args(M, K, N, r, E, bias=bias, layout=layout, dtype=dtype, seed=M * 31 + N)
     y, gates = mogu_kernels.mogu_linear(*args, 1.75, backend="cpp")
-    y_ref, g_ref = expected(*args, 1.75)
+    y_ref, g_ref = spec_mogu_linear(*args, 1.75)
     assert y.shape == y_ref.shape and y.dtype == dtype and gates.dtype == dtype
     assert gates.shape == (*args[0].shape[:-1], E)
-    assert rel(y, y_ref) < FWD_TOL[dtype]
-    assert rel(gates, g_ref) < FWD_TOL[dtype]
+    assert rel_err(y, y_ref) < FWD_TOL[dtype]
+    assert rel_err(gates, g_ref) < FWD_TOL[dtype]
 
 
 @needs_ext
@@ -230,11 +175,11 @@ def test_base_rows(threads, dtype, layout):
     x, w, b, A, B, rw, rb = make_args(37, 40, 300, 8, 2, layout=layout, dtype=dtype, seed=5)
     rows = random_base_rows(x, seed=6)
     y, gates = mogu_kernels.mogu_linear(x, w, b, A, B, rw, rb, 2.0, backend="cpp", base_rows=rows)
-    y_ref, g_ref = expected(x, w, b, A, B, rw, rb, 2.0, base_rows=rows)
-    assert rel(y, y_ref) < FWD_TOL[dtype] and rel(gates, g_ref) < FWD_TOL[dtype]
+    y_ref, g_ref = spec_mogu_linear(x, w, b, A, B, rw, rb, 2.0, base_rows=rows)
+    assert rel_err(y, y_ref) < FWD_TOL[dtype] and rel_err(gates, g_ref) < FWD_TOL[dtype]
     plain = F.linear(x, w, b)
-    assert rel(y[rows], plain[rows]) < FWD_TOL[dtype]
-    assert rel(y[~rows], plain[~rows]) > 1e-2
+    assert rel_err(y[rows], plain[rows]) < FWD_TOL[dtype]
+    assert rel_err(y[~rows], plain[~rows]) > 1e-2
 
 
 @needs_ext
@@ -249,9 +194,9 @@ def test_all_base_rows_equal_plain_linear_exactly():
 def test_float64_inputs_use_float64_gate_math():
     args = make_args(13, 40, 36, 64, 2, dtype=torch.float64, seed=2)
     y, gates = mogu_kernels.mogu_linear(*args, 2.0, backend="cpp")
-    y_ref, g_ref = expected(*args, 2.0)
+    y_ref, g_ref = spec_mogu_linear(*args, 2.0)
     assert y.dtype == torch.float64
-    assert rel(y, y_ref) < 1e-12 and rel(gates, g_ref) < 1e-12
+    assert rel_err(y, y_ref) < 1e-12 and rel_err(gates, g_ref) < 1e-12
 
 
 @needs_ext
@@ -268,7 +213,7 @@ def test_two_threads_match_one_thread():
     finally:
         torch.set_num_threads(old)
     assert torch.equal(g1, g2)
-    assert rel(y1, y2) < 1e-6
+    assert rel_err(y1, y2) < 1e-6
 
 
 @needs_ext
@@ -308,7 +253,7 @@ def _grads_vs_float64(args, scaling, base_rows, use_y=True, use_gates=True, seed
     torch.autograd.backward(list(outs), list(grads))
 
     leaves64 = [t.detach().double().requires_grad_(True) for t in (x, A, B, rw, rb)]
-    y64, g64 = expected(leaves64[0], w, b, *leaves64[1:], scaling, base_rows=base_rows)
+    y64, g64 = spec_mogu_linear(leaves64[0], w, b, *leaves64[1:], scaling, base_rows=base_rows)
     outs64 = [o for o, use in ((y64, use_y), (g64, use_gates)) if use]
     torch.autograd.backward(outs64, [d.double() for d in grads])
     return leaves, leaves64
@@ -323,7 +268,7 @@ def test_backward_matches_float64(threads, dtype, M, K, N, r, E, bias, layout, w
     got, ref = _grads_vs_float64(args, 1.5, base_rows, seed=M)
     for name, a, b in zip(("x", "lora_A", "lora_B", "router_weight", "router_bias"), got, ref):
         assert a.grad is not None and a.grad.dtype == a.dtype and a.grad.shape == a.shape, name
-        assert rel(a.grad, b.grad) < BWD_TOL[dtype], (name, rel(a.grad, b.grad))
+        assert rel_err(a.grad, b.grad) < BWD_TOL[dtype], (name, rel_err(a.grad, b.grad))
 
 
 @needs_ext
@@ -335,7 +280,7 @@ def test_backward_with_one_output_unused(use_y, use_gates):
         if b.grad is None or b.grad.abs().max() == 0:      # e.g. gates alone do not reach the LoRA weights
             assert a.grad is None or a.grad.abs().max() == 0, name
         else:
-            assert rel(a.grad, b.grad) < BWD_TOL[torch.float32], name
+            assert rel_err(a.grad, b.grad) < BWD_TOL[torch.float32], name
 
 
 @needs_ext
@@ -387,10 +332,10 @@ def test_torch_compile_forward_and_backward():
     loss = compiled(x, rw)
     gx, grw = torch.autograd.grad(loss, (x, rw))
     x64, rw64 = x.detach().double().requires_grad_(True), rw.detach().double().requires_grad_(True)
-    y64, g64 = expected(x64, w, b, A, B, rw64, rb, 2.0)
+    y64, g64 = spec_mogu_linear(x64, w, b, A, B, rw64, rb, 2.0)
     loss64 = y64.square().sum() + g64.sum()
     gx64, grw64 = torch.autograd.grad(loss64, (x64, rw64))
-    assert rel(loss, loss64) < 1e-5 and rel(gx, gx64) < 1e-4 and rel(grw, grw64) < 1e-4
+    assert rel_err(loss, loss64) < 1e-5 and rel_err(gx, gx64) < 1e-4 and rel_err(grw, grw64) < 1e-4
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -424,9 +369,9 @@ def test_cuda_forward_matches_float64(dtype, M, K, N, r, E, bias, layout):
     rows = random_base_rows(args[0], seed=M)
     for base_rows in (None, rows):
         y, gates = mogu_kernels.mogu_linear(*args, 1.75, backend="cuda", base_rows=base_rows)
-        y_ref, g_ref = expected(*args, 1.75, base_rows=base_rows)
+        y_ref, g_ref = spec_mogu_linear(*args, 1.75, base_rows=base_rows)
         assert y.dtype == dtype and y.device.type == "cuda"
-        assert rel(y, y_ref) < CUDA_TOL[dtype] and rel(gates, g_ref) < CUDA_TOL[dtype]
+        assert rel_err(y, y_ref) < CUDA_TOL[dtype] and rel_err(gates, g_ref) < CUDA_TOL[dtype]
 
 
 @pytest.mark.gpu
@@ -442,10 +387,10 @@ def test_cuda_backward_matches_float64(dtype, M, K, N, r, E, bias, layout, with_
     gy, gg = torch.randn_like(y), torch.randn_like(gates)
     torch.autograd.backward([y, gates], [gy, gg])
     leaves64 = [t.detach().double().requires_grad_(True) for t in (x, A, B, rw, rb)]
-    y64, g64 = expected(leaves64[0], w, b, *leaves64[1:], 1.5, base_rows=base_rows)
+    y64, g64 = spec_mogu_linear(leaves64[0], w, b, *leaves64[1:], 1.5, base_rows=base_rows)
     torch.autograd.backward([y64, g64], [gy.double(), gg.double()])
     for name, a, ref in zip(("x", "lora_A", "lora_B", "router_weight", "router_bias"), leaves, leaves64):
-        assert rel(a.grad, ref.grad) < max(CUDA_TOL[dtype], BWD_TOL[dtype]), name
+        assert rel_err(a.grad, ref.grad) < max(CUDA_TOL[dtype], BWD_TOL[dtype]), name
 
 
 @pytest.mark.gpu
@@ -455,4 +400,4 @@ def test_cuda_matches_cpp_on_the_same_inputs():
     y_cpu, g_cpu = mogu_kernels.mogu_linear(*args, 2.0, backend="cpp")
     cuda_args = [t if t is None else t.cuda() for t in args]
     y_gpu, g_gpu = mogu_kernels.mogu_linear(*cuda_args, 2.0, backend="cuda")
-    assert rel(y_gpu.cpu(), y_cpu) < CUDA_TOL[torch.float32] and rel(g_gpu.cpu(), g_cpu) < CUDA_TOL[torch.float32]
+    assert rel_err(y_gpu.cpu(), y_cpu) < CUDA_TOL[torch.float32] and rel_err(g_gpu.cpu(), g_cpu) < CUDA_TOL[torch.float32]
