@@ -120,8 +120,9 @@ setup(
         "pyyaml",          # jailbreak templates in the common public YAML layout (mogu eval --templates)
     ],
     extras_require={
-        # accelerate: the training tests; matplotlib: the plot-writing paths of eval and benchmarks.
-        "test": ["pytest>=8", "ninja", "accelerate>=0.30", "matplotlib"],
+        # accelerate: the training tests; matplotlib: the plot-writing paths of eval and benchmarks;
+        # ruff: tests/test_lint.py.
+        "test": ["pytest>=8", "ninja", "accelerate>=0.30", "matplotlib", "ruff"],
         "bench": ["matplotlib"],
         "train": ["accelerate>=0.30"],
         "gguf": ["gguf>=0.10"],

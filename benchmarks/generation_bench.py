@@ -44,7 +44,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import mogu  # noqa: E402
-from mogu.layer import MoGULinear  # noqa: E402
 
 IMPLS = ("base", "mogu_exact", "published")
 

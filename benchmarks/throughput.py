@@ -38,7 +38,8 @@ def machine_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads ({os.cpu_count()} cores)"
 
 
-def cpu_time_interleaved(impls: Dict[str, Callable], x: torch.Tensor, repeats: int, min_time: float = 0.01) -> Dict[str, float]:
+def cpu_time_interleaved(impls: Dict[str, Callable], x: torch.Tensor, repeats: int,
+                         min_time: float = 0.01) -> Dict[str, float]:
     """Median seconds per call of each impl; impls alternate inside every repetition."""
     with torch.no_grad():
         inner = {}
@@ -80,7 +81,8 @@ def print_table(rows: List[dict], title: str) -> None:
         line = f"{s:<28}"
         for i in impls:
             c = cells.get(i)
-            line += f"{'-':>{max(width, 16)}}" if c is None else f"{c['ms']:>{max(width, 16) - 9}.3f}ms {c['ratio_to_base']:>5.2f}x"
+            w = max(width, 16)
+            line += f"{'-':>{w}}" if c is None else f"{c['ms']:>{w - 9}.3f}ms {c['ratio_to_base']:>5.2f}x"
         print(line)
 
 
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device")
     backends = [b for b in mogu_kernels.available_backends(args.device)
-                if not (args.device == "cpu" and b == "triton")]   # the interpreter is a test tool, not a backend to time
+                if not (args.device == "cpu" and b == "triton")]   # the interpreter is a test tool: not timed
     machine = machine_name(args.device)
     title = f"MoGU layer, {args.device} ({machine}), torch {torch.__version__}"
     print(title)

@@ -100,7 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--joint", action="store_true", help="MoGU v2 joint adaptation: experts train in stage 2 too")
     p.add_argument("--data-max-new-tokens", type=int, default=32)
     p.add_argument("--gen-batch-size", type=int, default=24, help="prompts per generate call")
-    p.add_argument("--max-length", type=int, default=192, help="tokens per training sequence (the longest train prompt is 150)")
+    p.add_argument("--max-length", type=int, default=192,
+                   help="tokens per training sequence (the longest train prompt is 150)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--expert-pairs", type=int, default=64, help="train pairs per expert (0: all)")
     p.add_argument("--expert-lr", type=float, default=5e-4)
@@ -114,7 +115,8 @@ def parse_args(argv=None):
     p.add_argument("--target-benign-refusal", type=float, default=0.05)
     p.add_argument("--offsets", type=float, nargs="+", default=[-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0])
     p.add_argument("--calibration-prompts", type=int, default=100,
-                   help="validation prompts for the dial (40%% benign, 20%% borderline, 30%% malicious, 10%% jailbreak)")
+                   help="validation prompts for the dial (40%% benign, 20%% borderline, 30%% malicious, "
+                        "10%% jailbreak)")
     p.add_argument("--calibration-max-new-tokens", type=int, default=16)
     p.add_argument("--eval-max-new-tokens", type=int, default=32)
     p.add_argument("--template-prompts", type=int, default=12,

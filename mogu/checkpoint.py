@@ -21,14 +21,13 @@ import os
 import re
 import tempfile
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .config import EXPERTS, ROUTER_HEADS, MoGUConfig
-from .layer import MoGULinear
 from .patching import find_targets, is_patched, patch_model, patched_modules, unpatch
 
 OWN_CONFIG = "mogu_config.json"
@@ -229,7 +228,8 @@ def load_official(model: nn.Module, glad, unwill, router, config: Optional[MoGUC
     (cfg_u, _, src_u), (cfg_g, _, src_g) = adapters["unwill"], adapters["glad"]
     if (int(cfg_u["r"]), float(cfg_u["lora_alpha"])) != (int(cfg_g["r"]), float(cfg_g["lora_alpha"])):
         raise ValueError(f"mogu: the experts differ in r/lora_alpha ({src_u}: r={cfg_u['r']}, "
-                         f"lora_alpha={cfg_u['lora_alpha']}; {src_g}: r={cfg_g['r']}, lora_alpha={cfg_g['lora_alpha']})")
+                         f"lora_alpha={cfg_u['lora_alpha']}; {src_g}: r={cfg_g['r']}, "
+                         f"lora_alpha={cfg_g['lora_alpha']})")
     r, lora_alpha = int(cfg_u["r"]), float(cfg_u["lora_alpha"])
     modules = _module_index(model, base_config)
     parsed = {e: _parse_adapter(adapters[e][1], adapters[e][2], modules, r) for e in EXPERTS}
@@ -300,7 +300,8 @@ def save_pretrained(model: nn.Module, directory, folded: bool = False) -> None:
                     tensors[f"{name}.{head}.{k}"] = v.detach()
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     config = model.mogu_config
-    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "folded": bool(folded or any(l.is_folded for l in layers.values())),
+    is_folded = bool(folded or any(layer.is_folded for layer in layers.values()))
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "folded": is_folded,
             "model_type": getattr(getattr(model, "config", None), "model_type", None),
             "modules": list(layers), "config": config.to_dict()}
     _atomic_write(os.path.join(directory, OWN_WEIGHTS),

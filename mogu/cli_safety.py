@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from .calibration import DEFAULT_OFFSETS
 from .cli_eval import _fail, _model_args      # the same model options and error line as mogu eval

@@ -40,7 +40,8 @@ def _run_args(p: argparse.ArgumentParser, per_step_flag: str, per_step_default: 
     g.add_argument("--batch-size", type=int, default=COMMON_DEFAULTS["batch_size"],
                    help="examples per forward pass; must divide " + per_step_flag +
                         "; changes speed and memory, not the objective (default: %(default)s, published)")
-    g.add_argument("--epochs", type=int, default=epochs_default, help="passes over the data (default: %(default)s, published)")
+    g.add_argument("--epochs", type=int, default=epochs_default,
+                   help="passes over the data (default: %(default)s, published)")
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer steps in total (default: none, run all epochs)")
     g.add_argument("--weight-decay", type=float, default=COMMON_DEFAULTS["weight_decay"],
@@ -184,7 +185,8 @@ def _train_router(args) -> int:
     model, tokenizer = _load(args)
     result = train_router(model, tokenizer, args.glad, args.unwill, args.data, args.out, labels=args.labels,
                           router=args.router, router_hidden=args.router_hidden, target_modules=args.target_modules,
-                          layers=args.layers, joint=args.joint, expert_lr=args.expert_lr, lam=args.lam, expert_dropout=args.expert_dropout, examples_per_step=args.examples_per_step,
+                          layers=args.layers, joint=args.joint, expert_lr=args.expert_lr, lam=args.lam,
+                          expert_dropout=args.expert_dropout, examples_per_step=args.examples_per_step,
                           **_common(args))
     print(f"routers: {result.global_step} steps -> {result.output_dir} (folded copy in "
           f"{result.output_dir}/folded; log {result.log_file})")

@@ -200,7 +200,8 @@ def response_ids(tokenizer, output: str) -> List[int]:
     return ids + ([eos] if eos is not None else [])
 
 
-def tokenize_example(tokenizer, example: Example, max_length: int, system: Optional[str] = None) -> Dict[str, List[int]]:
+def tokenize_example(tokenizer, example: Example, max_length: int,
+                     system: Optional[str] = None) -> Dict[str, List[int]]:
     """{"input_ids": prompt + response, "labels": -100 on the prompt, ids on the response}.
 
     Both lists have the same length <= max_length (cut at the end). Raises DataError

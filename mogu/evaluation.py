@@ -88,7 +88,8 @@ CATEGORY_ORDER = ("benign", "borderline", "malicious", "jailbreak", None)
 HARMFUL_CATEGORIES = ("malicious", "jailbreak")
 RESUME_KEYS = ("max_new_tokens", "mogu_tokens", "system", "protocol", "templates")
 
-PromptFiles = Union[str, os.PathLike, Sequence[Union[str, os.PathLike, Tuple[Union[str, os.PathLike], Optional[str]]]], None]
+_Path = Union[str, os.PathLike]
+PromptFiles = Union[_Path, Sequence[Union[_Path, Tuple[_Path, Optional[str]]]], None]
 
 
 @dataclass
@@ -472,8 +473,10 @@ def write_plots(records: List[Dict], summary: Dict, out: str) -> List[str]:
     mogu = [r for r in records if r["system"] == "mogu" and r.get("gates_prompt")]
     if mogu:
         fig = Figure(figsize=(11, 7))
-        panels = [("gates_prompt", 0, "alpha (unwill), prompt tokens"), ("gates_generated", 0, "alpha (unwill), first generated tokens"),
-                  ("gates_prompt", 1, "beta (glad), prompt tokens"), ("gates_generated", 1, "beta (glad), first generated tokens")]
+        panels = [("gates_prompt", 0, "alpha (unwill), prompt tokens"),
+                  ("gates_generated", 0, "alpha (unwill), first generated tokens"),
+                  ("gates_prompt", 1, "beta (glad), prompt tokens"),
+                  ("gates_generated", 1, "beta (glad), first generated tokens")]
         colors = {"benign": "tab:green", "borderline": "tab:olive", "malicious": "tab:red", "jailbreak": "tab:purple",
                   None: "tab:gray"}
         for p, (key, e, title) in enumerate(panels):

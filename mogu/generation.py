@@ -394,7 +394,8 @@ class _MoGUDecoding:
                     cache = _find_cache(model_kwargs)
                     if cache is not None:
                         cache.batch_select_indices(keep)
-                    model_kwargs = _map_batch(model_kwargs, 2 * batch, lambda t, d: t.index_select(d, keep.to(t.device)))
+                    model_kwargs = _map_batch(model_kwargs, 2 * batch,
+                                              lambda t, d: t.index_select(d, keep.to(t.device)))
                     for handle in state.hooks:
                         handle.remove()
                     state.hooks = []
@@ -582,7 +583,9 @@ def load_for_inference(model_path, mogu_path=None, gguf_file: Optional[str] = No
 
     from .checkpoint import load
 
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     torch_dtype = _resolve_dtype(dtype, device)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(model_path, **extra)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from mogu_kernels import mogu_linear, router_gates
 from mogu_kernels.reference import stacked_lora_B
 
-from .config import EXPERTS, ROUTER_HEADS, MoGUConfig
+from .config import EXPERTS, MoGUConfig
 
 MODES = ("mogu", "base") + EXPERTS
 
@@ -160,7 +160,8 @@ class MoGULinear(nn.Module):
 
     def set_folded_router(self, router_weight: torch.Tensor, router_bias: torch.Tensor) -> None:
         """Drop the heads and keep only (router_weight (2, K), router_bias (2,)) in fp32."""
-        if tuple(router_weight.shape) != (len(EXPERTS), self.in_features) or tuple(router_bias.shape) != (len(EXPERTS),):
+        E = len(EXPERTS)
+        if tuple(router_weight.shape) != (E, self.in_features) or tuple(router_bias.shape) != (E,):
             raise ValueError(f"folded router must be ({len(EXPERTS)}, {self.in_features}) and ({len(EXPERTS)},), "
                              f"got {tuple(router_weight.shape)} and {tuple(router_bias.shape)}")
         self.alpha_ = None

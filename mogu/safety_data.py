@@ -58,7 +58,8 @@ def read_jsonl(path: str) -> List[Dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}: line {i}: not valid JSON: {exc}") from exc
-            if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
+            text = row.get("instruction") if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"{path}: line {i}: expected an object with a non-empty 'instruction'")
             category = row.get("category")
             if CATEGORIES.get(category) != row.get("label"):

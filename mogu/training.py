@@ -648,7 +648,8 @@ def _adapter_fingerprint(folder) -> Optional[str]:
 def train_expert(model: nn.Module, tokenizer, expert: str, affirm, reject, out, *,
                  r: int = EXPERT_DEFAULTS["r"], lora_alpha: float = EXPERT_DEFAULTS["lora_alpha"],
                  lora_dropout: float = EXPERT_DEFAULTS["lora_dropout"], target_modules: Optional[List[str]] = None,
-                 layers: Optional[List[int]] = None, lr: float = EXPERT_DEFAULTS["lr"], pairs_per_step: int = EXPERT_DEFAULTS["pairs_per_step"],
+                 layers: Optional[List[int]] = None, lr: float = EXPERT_DEFAULTS["lr"],
+                 pairs_per_step: int = EXPERT_DEFAULTS["pairs_per_step"],
                  batch_size: int = COMMON_DEFAULTS["batch_size"], epochs: int = EXPERT_DEFAULTS["epochs"],
                  max_steps: Optional[int] = None, max_length: int = COMMON_DEFAULTS["max_length"],
                  system: Optional[str] = None, save_steps: Optional[int] = COMMON_DEFAULTS["save_steps"],
@@ -709,9 +710,11 @@ def train_expert(model: nn.Module, tokenizer, expert: str, affirm, reject, out, 
     pairs = mdata.load_pairs(affirm, reject)                                   # DataError: nothing written yet
     features = mdata.tokenize_pairs(tokenizer, pairs, max_length, system)
     out = os.fspath(out)
-    args = dict(stage="expert", expert=expert, data=_fingerprints(affirm=affirm, reject=reject), affirm=os.fspath(affirm),
+    args = dict(stage="expert", expert=expert, data=_fingerprints(affirm=affirm, reject=reject),
+                affirm=os.fspath(affirm),
                 reject=os.fspath(reject), r=int(r), lora_alpha=float(lora_alpha), lora_dropout=float(lora_dropout),
-                target_modules=targets, layers=layers, lr=lr, per_step=pairs_per_step, batch_size=batch_size, epochs=epochs,
+                target_modules=targets, layers=layers, lr=lr, per_step=pairs_per_step, batch_size=batch_size,
+                epochs=epochs,
                 max_steps=max_steps, max_length=max_length, system=system, save_steps=save_steps, seed=seed,
                 shuffle=shuffle, weight_decay=weight_decay, max_grad_norm=max_grad_norm, bf16=bool(bf16),
                 gradient_checkpointing=bool(gradient_checkpointing), examples=len(features))

@@ -88,8 +88,9 @@ def test_build_data_cli_writes_the_published_files(tiny, tmp_path, capsys):
     glad = load_pairs(out / "unsafety_affirm.json", out / "unsafety_reject.json")
     unwill = load_pairs(out / "safety_affirm.json", out / "safety_reject.json")
     report = json.loads((out / "build_report.json").read_text())
-    assert [a.instruction for a, _ in glad] == [m for m in MALICIOUS if m not in {d["instruction"] for d in report["dropped"]}]
-    assert [a.instruction for a, _ in unwill] == [b for b in BENIGN if b not in {d["instruction"] for d in report["dropped"]}]
+    dropped = {d["instruction"] for d in report["dropped"]}
+    assert [a.instruction for a, _ in glad] == [m for m in MALICIOUS if m not in dropped]
+    assert [a.instruction for a, _ in unwill] == [b for b in BENIGN if b not in dropped]
     assert len(glad) >= 3 and len(unwill) >= 3
     for a, r in glad + unwill:
         assert a.output == base_answer(tiny, a.instruction, 6)
@@ -312,7 +313,8 @@ def test_eval_resume_skips_done_rows(tiny, prompt_files, tmp_path, monkeypatch):
 
 def test_eval_malformed_prompt_files_name_file_and_row(tiny, tmp_path, capsys):
     cases = {
-        "rows.json": (json.dumps([{"instruction": "w10"}, {"instruction": "w11"}, {"text": "w12"}]), r"rows.json: row 2"),
+        "rows.json": (json.dumps([{"instruction": "w10"}, {"instruction": "w11"}, {"text": "w12"}]),
+                      r"rows.json: row 2"),
         "labels.jsonl": ('{"instruction": "w10"}\n{"instruction": "w11", "label": "maybe"}\n', r"labels.jsonl: row 1"),
         "broken.jsonl": ('{"instruction": "w10"}\n{"instruction": \n', r"broken.jsonl: row 1: not valid JSON"),
         "nogoal.csv": ("question,target\nw10,x\n", r"nogoal.csv: no goal"),

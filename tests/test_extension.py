@@ -1,10 +1,11 @@
 """The C++/CUDA extension ``mogu_kernels._C``: backends ``cpp`` (CPU) and ``cuda``.
 
 Every result is checked against ``op_spec.spec_mogu_linear``, the float64 statement of the
-op shared by every backend's tests and written independently of mogu_kernels (one expert at
-a time, as docs/design.md section 2 states the formula), on fresh random inputs. Tests that need the built extension skip when it is not
-loadable, except ``test_extension_is_built``, which fails then (unless the build was
-switched off with MOGU_BUILD_EXT=0), so a broken build cannot pass silently.
+op shared by every backend's tests and written independently of mogu_kernels (one expert
+at a time, as docs/design.md section 2 states the formula), on fresh random inputs. Tests
+that need the built extension skip when it is not loadable, except
+``test_extension_is_built``, which fails then (unless the build was switched off with
+MOGU_BUILD_EXT=0), so a broken build cannot pass silently.
 """
 from __future__ import annotations
 
@@ -400,4 +401,5 @@ def test_cuda_matches_cpp_on_the_same_inputs():
     y_cpu, g_cpu = mogu_kernels.mogu_linear(*args, 2.0, backend="cpp")
     cuda_args = [t if t is None else t.cuda() for t in args]
     y_gpu, g_gpu = mogu_kernels.mogu_linear(*cuda_args, 2.0, backend="cuda")
-    assert rel_err(y_gpu.cpu(), y_cpu) < CUDA_TOL[torch.float32] and rel_err(g_gpu.cpu(), g_cpu) < CUDA_TOL[torch.float32]
+    assert rel_err(y_gpu.cpu(), y_cpu) < CUDA_TOL[torch.float32]
+    assert rel_err(g_gpu.cpu(), g_cpu) < CUDA_TOL[torch.float32]

@@ -1,8 +1,6 @@
 """The usability/safety dial (router offset, calibration), layer selection (MoGU v2:
 ``MoGUConfig(layers=...)``, the layer probe) and joint adaptation, on tiny random models."""
 import json
-import math
-import os
 import random
 
 import pytest

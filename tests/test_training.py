@@ -220,7 +220,8 @@ def test_stage1_resume_is_bitwise_the_uninterrupted_run(tok, tmp_path):
     resumed = train_expert(tiny_llama(), tok, "glad", a, r, tmp_path / "part", save_steps=2, resume=True, **kw)
     assert resumed.global_step == 6 and len(resumed.losses) == 2
     assert resumed.losses == full.losses[4:]
-    wf, wp = load_file(tmp_path / "full" / "adapter_model.safetensors"), load_file(tmp_path / "part" / "adapter_model.safetensors")
+    wf = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    wp = load_file(tmp_path / "part" / "adapter_model.safetensors")
     assert wf.keys() == wp.keys() and all(torch.equal(wf[k], wp[k]) for k in wf)
     assert [json.loads(l)["loss"] for l in open(resumed.log_file)] == full.losses     # log truncated, then continued
     with pytest.raises(ValueError, match="lr"):
@@ -383,7 +384,8 @@ def test_router_loss_formula(tok, release):
     model = tiny_llama()
     mogu.load_official(model, **release)
     model.eval()
-    feats = mdata.tokenize_labelled(tok, [mdata.Example("w10 w11 w12", "w20", 1), mdata.Example("w40", "w30 w31", 0)], 64)
+    examples = [mdata.Example("w10 w11 w12", "w20", 1), mdata.Example("w40", "w30 w31", 0)]
+    feats = mdata.tokenize_labelled(tok, examples, 64)
     batch = mdata.LabelledCollator(0)(feats)
     collector = GateCollector(model).install()
     try:
