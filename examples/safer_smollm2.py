@@ -34,12 +34,20 @@ setting                this example (CPU)      published / 7B on a GPU
 answer length          32 new tokens           256-512 (--data-max-new-tokens)
 max_length             192 tokens              1024 (--max-length)
 expert pairs           64 per expert           all (--expert-pairs 0)
-expert lr / epochs     2e-4 / 3                5e-5 / 10 (--expert-lr, --expert-epochs)
-router lr / epochs     1e-3 / 1 over all rows  5e-4 / 10 (--router-lr, --router-epochs)
+expert lr / epochs     5e-4 / 3                5e-5 / 10 (--expert-lr, --expert-epochs)
+router lr / epochs     2e-3 / 1 over all rows  5e-4 / 10 (--router-lr, --router-epochs)
+gradient clipping      1.0                     none (--max-grad-norm)
 gate-loss weight lam   10                      2 (--lam)
-layers                 auto:10 (probe)         all, or auto:K (--layers)
+layers                 all                     all, or auto:K (--layers)
 dtype                  float32                 --bf16 (bfloat16 weights, fp32 MoGU params)
 =====================  ======================  =====================================
+
+How the CPU settings were chosen (validation split only): a first run with layers
+auto:10, expert lr 2e-4 and router lr 1e-3 gave on validation an unwill expert that
+refused only ~50% of benign prompts on its own and routers whose unwill gate stayed below
+0.1 on malicious prompts (malicious refused 50% / benign 13% at offset 0; the dial could
+only trade them off). Hence all layers, a larger expert lr, a larger router lr with
+clipping, and a dial grid that reaches negative offsets (more refusal).
 
 For a 7B model pass ``--model /path/to/hf/folder`` (no ``--gguf-file``), ``--bf16``,
 ``--device cuda`` and the published column; everything else is the same.
