@@ -10,6 +10,7 @@ import mogu
 from mogu import calibration, probing
 from mogu.layer import MoGULinear
 from tiny_models import random_release, tiny_llama, write_published
+from test_training import two_class_rows
 from tiny_tokenizer import tiny_tokenizer, words
 
 FAST = dict(progress=False, save_steps=None)
@@ -255,20 +256,9 @@ def test_calibrate_end_to_end_writes_curve_and_folder(release, tok, tmp_path):
 
 
 # ------------------------------------------------------ training with layers
-def _two_class(n=12, seed=0):
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        y = i % 2
-        pool = range(10, 14) if y else range(40, 44)
-        rows.append({"instruction": words([rng.choice(pool) for _ in range(6)]),
-                     "output": words([60, 61] if y else [70, 71, 72]), "label": y})
-    return rows
-
-
 def test_experts_and_routers_on_chosen_layers_and_joint_adaptation(tok, tmp_path):
-    affirm = [{"instruction": r["instruction"], "output": r["output"]} for r in _two_class(6)]
-    reject = [{"instruction": r["instruction"], "output": words([80, 81])} for r in _two_class(6)]
+    affirm = [{"instruction": r["instruction"], "output": r["output"]} for r in two_class_rows(6)]
+    reject = [{"instruction": r["instruction"], "output": words([80, 81])} for r in two_class_rows(6)]
     a, r = tmp_path / "a.json", tmp_path / "r.json"
     a.write_text(json.dumps(affirm))
     r.write_text(json.dumps(reject))
@@ -280,7 +270,7 @@ def test_experts_and_routers_on_chosen_layers_and_joint_adaptation(tok, tmp_path
     keys = load_file(str(tmp_path / "glad" / "adapter_model.safetensors"))
     assert keys and all(".layers.1." in k or ".layers.2." in k for k in keys)
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(x) + "\n" for x in _two_class(8)))
+    data.write_text("".join(json.dumps(x) + "\n" for x in two_class_rows(8)))
     torch.manual_seed(0)
     res = mogu.train_router(model, tok, tmp_path / "glad", tmp_path / "unwill", str(data), tmp_path / "router",
                             router_hidden=8, joint=True, expert_lr=1e-2, lr=1e-2, examples_per_step=4,
