@@ -34,8 +34,8 @@ class MoGUConfig:
         matches in model order (for one target per decoder layer: the layer index); the
         others stay the plain base layer, bitwise (MoGU v2's layer selection). None = all.
         ``"auto:K"`` = the K layers whose activations best separate benign from malicious
-        prompts; it must be resolved to a list by ``mogu.select_layers`` (training does
-        it from its data) before ``patch_model``.
+        prompts; it must be resolved to a list by ``mogu.select_layers`` before
+        ``patch_model`` or training.
     router_offset: the usability/safety dial d: every router adds -d to the unwill logit
         and +d to the glad logit (0 = as trained; > 0 fewer refusals, < 0 more). Chosen
         on validation data by ``mogu.calibrate`` and saved in ``mogu_config.json``, so

@@ -38,8 +38,8 @@ def find_targets(model: nn.Module, config: MoGUConfig) -> List[Tuple[str, nn.Mod
     found = all_targets(model, config)
     if config.auto_layers is not None:
         raise ValueError(f"MoGU: layers={config.layers!r} is not resolved yet; pick the layers with "
-                         f"mogu.select_layers(model, tokenizer, config, benign=..., malicious=...) (or pass the "
-                         f"data to training, which does it) before patching")
+                         f"mogu.select_layers(model, tokenizer, config, train, heldout) (or mogu probe) before "
+                         f"patching or training")
     if config.layers is not None:
         bad = [i for i in config.layers if i >= len(found)]
         if bad:
