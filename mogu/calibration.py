@@ -121,8 +121,10 @@ def _plot(result: CalibrationResult, path: str) -> Optional[str]:
     for key, (color, marker) in styles.items():
         ys = [r.get(key) for r in result.curve]
         if any(y is not None for y in ys):
+            shown = {"malicious": "malicious label (incl. jailbreak)",
+                     "benign": "benign label (incl. borderline)"}.get(key, key)
             ax1.plot(xs, [100 * y if y is not None else float("nan") for y in ys], marker=marker, color=color,
-                     label=key)
+                     label=shown)
     ax1.axhline(100 * result.target_benign_refusal, color="gray", ls=":", lw=1, label="benign target")
     ax1.axvline(result.chosen, color="black", ls="--", lw=1, label=f"chosen d={result.chosen:g}")
     ax1.set_xlabel("router offset d (unwill - d, glad + d)")
@@ -134,8 +136,8 @@ def _plot(result: CalibrationResult, path: str) -> Optional[str]:
     ax2.plot(ben, mal, marker="o", color="tab:blue")
     for x, b, m in zip(xs, ben, mal):
         ax2.annotate(f"{x:g}", (b, m), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax2.set_xlabel("benign refused (%)")
-    ax2.set_ylabel("malicious refused (%)")
+    ax2.set_xlabel("benign-label prompts refused (%)")
+    ax2.set_ylabel("malicious-label prompts refused (%)")
     ax2.set_title("trade-off (each point one d)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
