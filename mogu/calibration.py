@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
@@ -56,7 +56,7 @@ class CalibrationResult:
     files: List[str] = field(default_factory=list)
 
 
-def choose_offset(curve: Sequence[Dict[str, Optional[float]]], target_benign_refusal: float) -> (float, bool):
+def choose_offset(curve: Sequence[Dict[str, Optional[float]]], target_benign_refusal: float) -> Tuple[float, bool]:
     """The rule of the module docstring on a measured curve (rows sorted by offset).
 
     Returns (offset, met_target). Pure: tested on synthetic curves.

@@ -252,7 +252,7 @@ def select_layers(model: nn.Module, tokenizer, config: MoGUConfig, train: Rows, 
     k = config.auto_layers
     if k is None:
         return config
-    n = len(all_targets(model, config)) if not is_patched(model) else len(_probe_modules(model, config))
+    n = len(_probe_modules(model, config))             # every target layer, patched or not
     if k > n:
         raise ValueError(f"select_layers: layers='auto:{k}' but the model has only {n} target modules")
     result = probe_layers(model, tokenizer, train, heldout, out=out, config=config, top=k, **probe_kwargs)
