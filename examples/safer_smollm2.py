@@ -60,6 +60,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -119,6 +120,11 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping in both stages")
     p.add_argument("--router-epochs", type=int, default=1)
     p.add_argument("--examples-per-step", type=int, default=8)
+    p.add_argument("--gate-tokens", choices=("all", "prompt"), default="all",
+                   help="tokens the router's gate loss covers (mogu.train_router gate_tokens)")
+    p.add_argument("--experts-from", default=None, metavar="RUN",
+                   help="reuse seed<N>/glad and seed<N>/unwill of an earlier run with the same data and expert "
+                        "settings instead of training them again (stage 2 experiments)")
     p.add_argument("--lam", type=float, default=10.0)
     p.add_argument("--target-benign-refusal", type=float, default=0.05)
     p.add_argument("--offsets", type=float, nargs="+", default=[-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0])
@@ -161,6 +167,25 @@ def subset_pairs(files: dict, expert: str, n: int, seed: int, folder: str) -> tu
         with open(path, "w", encoding="utf-8") as f:
             json.dump([rows[i] for i in idx], f, ensure_ascii=False, indent=1)
     return paths
+
+
+def reuse_expert(src: str, affirm: str, reject: str, dst: str, args, seed: int, layers) -> None:
+    """Copy an earlier run's expert adapter to ``dst`` after checking that it was trained on
+    exactly these pair files (content fingerprints) with these settings; SystemExit if not."""
+    from mogu.data import file_fingerprint
+
+    with open(os.path.join(src, "training_args.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    expected = {"data": {"affirm": file_fingerprint(affirm), "reject": file_fingerprint(reject)},
+                "lr": args.expert_lr, "epochs": args.expert_epochs, "per_step": args.pairs_per_step, "seed": seed,
+                "max_length": args.max_length, "batch_size": args.batch_size, "layers": layers,
+                "max_grad_norm": args.max_grad_norm, "bf16": args.bf16}
+    diff = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+    if diff:
+        raise SystemExit(f"--experts-from: {src} was trained differently (saved, now): {diff}")
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
 
 
 def rates(summary: dict) -> dict:
@@ -252,6 +277,11 @@ def main(argv=None) -> dict:
             mogu.unpatch(model)
         for expert in ("glad", "unwill"):
             a, r = subset_pairs(files, expert, args.expert_pairs, seed, os.path.join(run, "expert_data"))
+            if args.experts_from:
+                reuse_expert(os.path.join(os.path.abspath(args.experts_from), f"seed{seed}", expert), a, r,
+                             os.path.join(run, expert), args, seed, layers)
+                step(f"seed{seed}_reuse_{expert}")
+                continue
             res = mogu.train_expert(model, tokenizer, expert, a, r, os.path.join(run, expert), layers=layers,
                                     lr=args.expert_lr, epochs=args.expert_epochs, pairs_per_step=args.pairs_per_step,
                                     seed=seed, **common)
@@ -261,7 +291,7 @@ def main(argv=None) -> dict:
         res = mogu.train_router(model, tokenizer, os.path.join(run, "glad"), os.path.join(run, "unwill"),
                                 files["router_data"], os.path.join(run, "router"), labels=files["router_labels"],
                                 lr=args.router_lr, epochs=args.router_epochs, examples_per_step=args.examples_per_step,
-                                lam=args.lam, joint=args.joint, seed=seed, **common)
+                                lam=args.lam, gate_tokens=args.gate_tokens, joint=args.joint, seed=seed, **common)
         print(f"seed {seed} router: {res.global_step} steps, loss {res.losses[0]:.3f} -> {res.losses[-1]:.3f}",
               flush=True)
         step(f"seed{seed}_train_router")

@@ -127,6 +127,9 @@ def register(subparsers) -> None:
                    help=f"width of fresh router heads (default: {ROUTER_DEFAULTS['router_hidden']}, published)")
     g.add_argument("--lam", type=float, default=ROUTER_DEFAULTS["lam"],
                    help="weight of the gate loss (default: %(default)s, published)")
+    g.add_argument("--gate-tokens", choices=("all", "prompt"), default="all",
+                   help="tokens the gate loss covers: all (published) or the prompt only, so the router learns "
+                        "the request and not the reply's wording (default: %(default)s)")
     g.add_argument("--expert-dropout", type=float, default=0.0,
                    help="LoRA dropout on the frozen experts; 0 runs the fused op (default: %(default)s)")
     g.add_argument("--target-modules", nargs="+", default=None,
@@ -186,7 +189,7 @@ def _train_router(args) -> int:
     result = train_router(model, tokenizer, args.glad, args.unwill, args.data, args.out, labels=args.labels,
                           router=args.router, router_hidden=args.router_hidden, target_modules=args.target_modules,
                           layers=args.layers, joint=args.joint, expert_lr=args.expert_lr, lam=args.lam,
-                          expert_dropout=args.expert_dropout, examples_per_step=args.examples_per_step,
+                          gate_tokens=args.gate_tokens, expert_dropout=args.expert_dropout, examples_per_step=args.examples_per_step,
                           **_common(args))
     print(f"routers: {result.global_step} steps -> {result.output_dir} (folded copy in "
           f"{result.output_dir}/folded; log {result.log_file})")

@@ -73,7 +73,7 @@ OWNED_ENTRIES = (CHECKPOINTS, LOG_FILE, ARGS_FILE, "adapter_config.json", "adapt
 # Arguments that define the optimisation trajectory: a resumed run must match them.
 RESUME_KEYS = ("stage", "expert", "data", "batch_size", "per_step", "lr", "weight_decay", "max_grad_norm", "seed",
                "shuffle", "max_length", "system", "r", "lora_alpha", "lora_dropout", "target_modules", "lam",
-               "router_hidden", "expert_dropout", "bf16", "glad", "unwill", "router")
+               "gate_tokens", "router_hidden", "expert_dropout", "bf16", "glad", "unwill", "router")
 
 
 @dataclass
@@ -183,22 +183,34 @@ def gate_targets(label: torch.Tensor) -> torch.Tensor:
     return torch.stack([y, 1.0 - y], dim=-1)
 
 
-def router_loss(model: nn.Module, batch: Dict[str, torch.Tensor], collector: GateCollector, lam: float = 2.0
-                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+GATE_TOKENS = ("all", "prompt")
+
+
+def router_loss(model: nn.Module, batch: Dict[str, torch.Tensor], collector: GateCollector, lam: float = 2.0,
+                gate_tokens: str = "all") -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Stage-2 loss of one collated batch (see ``data.LabelledCollator``).
 
     Per example i: CE_i(response) + lam * (mse_a_i + mse_b_i), each mse the mean over all
-    patched layers and the example's non-padding tokens. Returns (per-example loss (B,),
-    {"ce", "gate_mse", "alpha", "beta"}: (B,) each, alpha/beta the mean gates).
+    patched layers and the example's gate tokens: every non-padding token (``"all"``, the
+    published recipe) or the prompt tokens only (``"prompt"``: the router must tell the
+    request apart, not the reply, whose refusal wording would otherwise give the class
+    away on most tokens). The CE term covers the response either way. Returns
+    (per-example loss (B,), {"ce", "gate_mse", "alpha", "beta"}: (B,) each, alpha/beta the
+    mean gates over the same tokens).
     """
+    if gate_tokens not in GATE_TOKENS:
+        raise ValueError(f"gate_tokens must be one of {GATE_TOKENS}, got {gate_tokens!r}")
     with collector.recording() as gates:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     if not gates:
         raise RuntimeError("router_loss: no gates were produced; are the patched layers in 'mogu' mode?")
     ce = sequence_ce(logits, batch["labels"])
     g = torch.stack([x.float() for x in gates])                          # (L, B, T, 2)
-    mask = batch["attention_mask"].to(g.dtype)[None, :, :, None]          # (1, B, T, 1)
-    denom = batch["attention_mask"].sum(1).to(g.dtype) * g.shape[0]       # (B,) layers x tokens
+    tokens = batch["attention_mask"].bool()                               # (B, T)
+    if gate_tokens == "prompt":
+        tokens = tokens & (batch["labels"] == mdata.IGNORE_INDEX)
+    mask = tokens.to(g.dtype)[None, :, :, None]                            # (1, B, T, 1)
+    denom = tokens.sum(1).clamp_min(1).to(g.dtype) * g.shape[0]           # (B,) layers x tokens
     target = gate_targets(batch["label"]).to(g.device)[None, :, None, :]  # (1, B, 1, 2)
     mse = ((g - target).square() * mask).sum(dim=(0, 2)) / denom[:, None]  # (B, 2)
     mean_gate = (g.detach() * mask).sum(dim=(0, 2)) / denom[:, None]       # (B, 2)
@@ -761,7 +773,7 @@ def train_expert(model: nn.Module, tokenizer, expert: str, affirm, reject, out, 
 def train_router(model: nn.Module, tokenizer, glad, unwill, data, out, labels=None, *, router=None,
                  router_hidden: Optional[int] = None, target_modules: Optional[List[str]] = None,
                  layers: Optional[List[int]] = None, joint: bool = False, expert_lr: Optional[float] = None,
-                 lam: float = ROUTER_DEFAULTS["lam"], lr: float = ROUTER_DEFAULTS["lr"],
+                 lam: float = ROUTER_DEFAULTS["lam"], gate_tokens: str = "all", lr: float = ROUTER_DEFAULTS["lr"],
                  examples_per_step: int = ROUTER_DEFAULTS["examples_per_step"],
                  batch_size: int = COMMON_DEFAULTS["batch_size"], epochs: int = ROUTER_DEFAULTS["epochs"],
                  max_steps: Optional[int] = None, max_length: int = COMMON_DEFAULTS["max_length"],
@@ -788,7 +800,8 @@ def train_router(model: nn.Module, tokenizer, glad, unwill, data, out, labels=No
         must have been trained on the same layers); None = the model's config, else all.
     joint: MoGU v2's joint adaptation: the two experts train together with the routers
         in this stage (on the same CE + gate loss), at ``expert_lr`` (default ``lr``).
-    lam: weight of the gate loss. lr, examples_per_step (accumulation), batch_size,
+    lam: weight of the gate loss; gate_tokens: the tokens it covers, "all" (published
+        recipe) or "prompt" (see :func:`router_loss`). lr, examples_per_step (accumulation), batch_size,
         epochs, weight_decay, max_grad_norm: AdamW over the router heads only.
     expert_dropout: LoRA dropout on the frozen experts during this stage. 0 (default)
         runs every layer through the fused ``mogu_linear`` op (and its router backward);
@@ -810,6 +823,8 @@ def train_router(model: nn.Module, tokenizer, glad, unwill, data, out, labels=No
         raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout!r}")
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam!r}")
+    if gate_tokens not in GATE_TOKENS:
+        raise ValueError(f"gate_tokens must be one of {GATE_TOKENS}, got {gate_tokens!r}")
     if is_patched(model) and any(layer.is_folded for layer in patched_modules(model).values()):
         raise ValueError("train_router: the model's routers are folded (deployment state) and cannot be trained; "
                          "load unfolded router heads or pass an unpatched model")
@@ -840,7 +855,8 @@ def train_router(model: nn.Module, tokenizer, glad, unwill, data, out, labels=No
                 unwill=_adapter_fingerprint(unwill),
                 router=None if router is None else mdata.file_fingerprint(router), router_hidden=int(hidden),
                 target_modules=config.target_modules, layers=config.layers, joint=bool(joint),
-                expert_lr=expert_lr if joint else None, lam=lam, lr=lr, per_step=examples_per_step,
+                expert_lr=expert_lr if joint else None, lam=lam, gate_tokens=gate_tokens, lr=lr,
+                per_step=examples_per_step,
                 batch_size=batch_size, epochs=epochs, max_steps=max_steps, max_length=max_length, system=system,
                 expert_dropout=float(expert_dropout), save_steps=save_steps, seed=seed, shuffle=shuffle,
                 weight_decay=weight_decay, max_grad_norm=max_grad_norm, bf16=bool(bf16),
@@ -890,7 +906,7 @@ def train_router(model: nn.Module, tokenizer, glad, unwill, data, out, labels=No
             stage = _Stage(
                 name="router", model=model, params=heads + experts, param_groups=groups, features=features,
                 collate=mdata.LabelledCollator(mdata.pad_id_of(tokenizer)),
-                loss=lambda m, b: router_loss(m, b, collector, lam),
+                loss=lambda m, b: router_loss(m, b, collector, lam, gate_tokens),
                 stat_names=("ce", "gate_mse", "alpha", "beta"), class_stats=("alpha", "beta"),
                 save_weights=lambda m, d: save_pretrained(m, d),
                 load_weights=lambda m, d: from_pretrained(m, d),

@@ -379,8 +379,10 @@ def test_router_training_separates_classes_and_changes_only_routers(tok, tmp_pat
         assert mean_alpha(other) == pytest.approx(alpha, abs=1e-5)
 
 
-def test_router_loss_formula(tok, release):
-    """Per example: CE + lam * (mean over layers and real tokens of (a - t_a)^2 + (b - t_b)^2)."""
+@pytest.mark.parametrize("gate_tokens", ["all", "prompt"])
+def test_router_loss_formula(tok, release, gate_tokens):
+    """Per example: CE + lam * (mean over layers and gate tokens of (a - t_a)^2 + (b - t_b)^2),
+    the gate tokens every real token ("all") or the prompt's ("prompt")."""
     model = tiny_llama()
     mogu.load_official(model, **release)
     model.eval()
@@ -390,17 +392,23 @@ def test_router_loss_formula(tok, release):
     collector = GateCollector(model).install()
     try:
         with torch.no_grad():
-            loss, stats = router_loss(model, batch, collector, lam=2.0)
+            loss, stats = router_loss(model, batch, collector, lam=2.0, gate_tokens=gate_tokens)
     finally:
         collector.remove()
     for i, f in enumerate(feats):
         with torch.no_grad(), mogu.capture_gates(model) as gates:
             ce = hand_ce(model, f["input_ids"], f["labels"])
         g = torch.stack(list(gates.values())).double()                     # (L, 1, T, 2)
+        if gate_tokens == "prompt":
+            prompt_len = sum(1 for lab in f["labels"] if lab == mdata.IGNORE_INDEX)
+            assert 0 < prompt_len < g.shape[2]
+            g = g[:, :, :prompt_len]
         t = torch.tensor([f["label"], 1 - f["label"]], dtype=torch.double)
         expected = ce + 2.0 * ((g - t) ** 2).mean(dim=(0, 1, 2)).sum()
         assert float(loss[i]) == pytest.approx(float(expected), rel=1e-5)
         assert float(stats["alpha"][i]) == pytest.approx(float(g[..., 0].mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="gate_tokens"):
+        router_loss(model, batch, collector, gate_tokens="response")
 
 
 def _cpu_fused_backends():
