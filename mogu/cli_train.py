@@ -189,7 +189,8 @@ def _train_router(args) -> int:
     result = train_router(model, tokenizer, args.glad, args.unwill, args.data, args.out, labels=args.labels,
                           router=args.router, router_hidden=args.router_hidden, target_modules=args.target_modules,
                           layers=args.layers, joint=args.joint, expert_lr=args.expert_lr, lam=args.lam,
-                          gate_tokens=args.gate_tokens, expert_dropout=args.expert_dropout, examples_per_step=args.examples_per_step,
+                          gate_tokens=args.gate_tokens, expert_dropout=args.expert_dropout,
+                          examples_per_step=args.examples_per_step,
                           **_common(args))
     print(f"routers: {result.global_step} steps -> {result.output_dir} (folded copy in "
           f"{result.output_dir}/folded; log {result.log_file})")
