@@ -11,21 +11,33 @@ Three formats:
 * a plain peft adapter for one expert (``export_peft``).
 
 Every loader reads and validates everything before it touches the model, so an error
-(missing file, unknown/missing key, wrong shape, layer-count mismatch) leaves the model
-exactly as it was. Checkpoints are untrusted: ``torch.load(..., weights_only=True)``.
+(missing files, all of them named; a truncated or corrupted safetensors / ``.pth`` / JSON
+file; unknown/missing key; wrong shape, dtype or a non-finite value; a checksum that does
+not match; layer-count mismatch) is a :class:`CheckpointError` (a ValueError) or a
+FileNotFoundError naming the file, and leaves the model exactly as it was. Checkpoints are
+untrusted: ``torch.load(..., weights_only=True)``.
+
+Every file written here goes through :func:`atomic_write` (temporary file in the same
+folder, fsync, ``os.replace``): a crash leaves the old file or the new one, never half of
+one. Files written here carry a sha256: ``mogu_config.json`` records the one of
+``mogu_model.safetensors`` (``"sha256"``), adapter folders get ``mogu_checksums.json``;
+loaders check it when present (older folders without it still load).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
 import tempfile
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as _st_load
+from safetensors.torch import save_file
 
 from .config import EXPERTS, ROUTER_HEADS, MoGUConfig
 from .patching import find_targets, is_patched, patch_model, patched_modules, unpatch
@@ -34,6 +46,8 @@ OWN_CONFIG = "mogu_config.json"
 OWN_WEIGHTS = "mogu_model.safetensors"
 FORMAT_NAME = "mogu-kernels"
 FORMAT_VERSION = 1
+TRAINING_INCOMPLETE = "training_incomplete.json"   # in a training output folder while a run is unfinished
+CHECKSUMS = "mogu_checksums.json"      # {"sha256": {file name: hex}} beside files without a config to hold it
 
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _ROUTER_KEY = re.compile(r"^(?:.*\.)?routers\.(?P<i>\d+)\.(?P<head>alpha_|beta_)\.(?P<lin>linear_[012])\."
@@ -41,6 +55,11 @@ _ROUTER_KEY = re.compile(r"^(?:.*\.)?routers\.(?P<i>\d+)\.(?P<head>alpha_|beta_)
 
 
 # ------------------------------------------------------------------ helpers
+class CheckpointError(ValueError):
+    """A MoGU file that cannot be used (unreadable, corrupted, inconsistent); the message
+    names the file, and the key when one is at fault."""
+
+
 def _require_path(path, what: str) -> str:
     if path is None:
         raise ValueError(f"mogu: {what} path is required")
@@ -50,14 +69,91 @@ def _require_path(path, what: str) -> str:
     return path
 
 
-def _torch_load(path: str) -> Dict[str, torch.Tensor]:
+def sha256_file(path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_json(path: str) -> dict:
+    """A JSON object from ``path``; CheckpointError naming the file for anything else."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"mogu: {path} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise CheckpointError(f"mogu: {path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _read_bytes(path: str, sha256: Optional[str]) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise CheckpointError(f"mogu: {path} does not match its recorded sha256 (the file is corrupted or was "
+                              f"changed after it was written)")
+    return data
+
+
+def _load_safetensors(path: str, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """A safetensors file's tensors, checked against ``sha256`` when given; CheckpointError
+    naming the file when it is truncated or corrupted."""
+    data = _read_bytes(path, sha256)
+    try:
+        return _st_load(data)
+    except Exception as exc:            # safetensors' SafetensorError and friends name no file
+        raise CheckpointError(f"mogu: cannot read {path} as safetensors (truncated or corrupted?): "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+
+def _torch_load(path: str, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    import io
+
+    data = _read_bytes(path, sha256)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"mogu: cannot read {path} as a weights-only torch checkpoint: {exc}") from exc
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"mogu: {path} is not a state dict of tensors")
+        raise CheckpointError(f"mogu: cannot read {path} as a weights-only torch checkpoint: {exc}") from exc
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise CheckpointError(f"mogu: {path} is not a state dict of tensors")
     return obj
+
+
+def _check_values(tensors: Dict[str, torch.Tensor], source: str) -> None:
+    """Every tensor floating point and finite (a NaN/inf weight would poison every output)."""
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise CheckpointError(f"mogu: {source}: key {key!r} has dtype {t.dtype}, expected a floating-point "
+                                  f"dtype")
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"mogu: {source}: key {key!r} holds {bad} NaN/inf value(s)")
+
+
+def _recorded_checksums(folder: str) -> Dict[str, str]:
+    """{file name: sha256} from ``folder/mogu_checksums.json``, {} when there is none."""
+    path = os.path.join(folder, CHECKSUMS)
+    if not os.path.exists(path):
+        return {}
+    sums = _read_json(path).get("sha256")
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise CheckpointError(f"mogu: {path}: 'sha256' must map file names to hex digests")
+    return sums
+
+
+def write_checksums(folder, names: Sequence[str]) -> str:
+    """Record the sha256 of ``folder/<name>`` for each name in ``folder/mogu_checksums.json``
+    (atomically); the loaders check them. Returns its path."""
+    folder = os.fspath(folder)
+    sums = {n: sha256_file(os.path.join(folder, n)) for n in names}
+    path = os.path.join(folder, CHECKSUMS)
+    atomic_write_text(path, json.dumps({"sha256": sums}, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 def _module_index(model: nn.Module, config: MoGUConfig) -> "OrderedDict[str, nn.Module]":
@@ -73,10 +169,11 @@ def _out_in(module: nn.Module) -> Tuple[int, int]:
 
 def _check_shape(key: str, tensor: torch.Tensor, expected: Tuple[int, ...], source: str) -> None:
     if tuple(tensor.shape) != tuple(expected):
-        raise ValueError(f"mogu: {source}: key {key!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}")
+        raise CheckpointError(f"mogu: {source}: key {key!r} has shape {tuple(tensor.shape)}, "
+                              f"expected {tuple(expected)}")
 
 
-def _match_module(name: str, modules: "OrderedDict[str, nn.Module]") -> Optional[str]:
+def match_module(name: str, modules: "OrderedDict[str, nn.Module]") -> Optional[str]:
     """Map a module path from a file onto the model: exact, or by dropping leading parts
     (a file written for XForCausalLM loaded into the bare XModel, or vice versa)."""
     if name in modules:
@@ -88,25 +185,73 @@ def _match_module(name: str, modules: "OrderedDict[str, nn.Module]") -> Optional
 
 
 # --------------------------------------------------------- published release
-def _read_adapter(folder: str, expert: str) -> Tuple[dict, Dict[str, torch.Tensor], str]:
-    folder = _require_path(folder, f"{expert} adapter folder")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _adapter_missing(folder, expert: str) -> List[str]:
+    """What a peft adapter folder lacks ([] when complete), each as 'what PATH'."""
+    if folder is None:
+        raise ValueError(f"mogu: {expert} adapter folder path is required")
+    folder = os.fspath(folder)
+    if not os.path.exists(folder):
+        return [f"{expert} adapter folder {folder}"]
     if not os.path.isdir(folder):
-        raise ValueError(f"mogu: {expert} adapter must be a peft adapter folder, got file {folder}")
-    config_path = _require_path(os.path.join(folder, "adapter_config.json"), f"{expert} adapter_config.json")
-    with open(config_path, encoding="utf-8") as f:
-        try:
-            adapter_config = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"mogu: {config_path} is not valid JSON: {exc}") from exc
+        raise CheckpointError(f"mogu: {expert} adapter must be a peft adapter folder, got file {folder}")
+    _refuse_unfinished(folder)
+    missing = []
+    if not os.path.exists(os.path.join(folder, ADAPTER_CONFIG)):
+        missing.append(f"{expert} {ADAPTER_CONFIG} {os.path.join(folder, ADAPTER_CONFIG)}")
+    st, binary = (os.path.join(folder, n) for n in ADAPTER_WEIGHTS)
+    if not os.path.exists(st) and not os.path.exists(binary):
+        missing.append(f"{expert} adapter weights {st} (or {binary})")
+    return missing
+
+
+def _refuse_unfinished(folder: str) -> None:
+    if os.path.exists(os.path.join(folder, TRAINING_INCOMPLETE)):
+        raise CheckpointError(f"mogu: {folder} holds an unfinished training run ({TRAINING_INCOMPLETE} is there): "
+                              f"resume it (resume=True / --resume) or train again")
+
+
+def _raise_missing(missing: List[str]) -> None:
+    if missing:
+        raise FileNotFoundError("mogu: not found: " + "; ".join(missing))
+
+
+def _number(value, positive_int: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        return False
+    return not positive_int or float(value).is_integer()
+
+
+def _read_adapter(folder, expert: str, tensors: bool = True
+                  ) -> Tuple[dict, Optional[Dict[str, torch.Tensor]], str]:
+    """(adapter_config, {key: tensor} or None without ``tensors``, weights path) of a peft
+    adapter folder, everything checked (names the file on any fault)."""
+    _raise_missing(_adapter_missing(folder, expert))
+    folder = os.fspath(folder)
+    config_path = os.path.join(folder, ADAPTER_CONFIG)
+    adapter_config = _read_json(config_path)
     for key in ("r", "lora_alpha"):
         if key not in adapter_config:
-            raise ValueError(f"mogu: {config_path} lacks {key!r}")
-    st, binary = os.path.join(folder, "adapter_model.safetensors"), os.path.join(folder, "adapter_model.bin")
-    if os.path.exists(st):
-        return adapter_config, load_file(st), st
-    if os.path.exists(binary):
-        return adapter_config, _torch_load(binary), binary
-    raise FileNotFoundError(f"mogu: {expert} adapter weights not found: {st} (or {binary})")
+            raise CheckpointError(f"mogu: {config_path} lacks {key!r}")
+    if not _number(adapter_config["r"], positive_int=True):
+        raise CheckpointError(f"mogu: {config_path}: 'r' must be a positive integer, got {adapter_config['r']!r}")
+    if not _number(adapter_config["lora_alpha"]):
+        raise CheckpointError(f"mogu: {config_path}: 'lora_alpha' must be a positive number, got "
+                              f"{adapter_config['lora_alpha']!r}")
+    dropout = adapter_config.get("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise CheckpointError(f"mogu: {config_path}: 'lora_dropout' must be in [0, 1), got {dropout!r}")
+    st, binary = (os.path.join(folder, n) for n in ADAPTER_WEIGHTS)
+    path = st if os.path.exists(st) else binary
+    if not tensors:
+        return adapter_config, None, path
+    sha = _recorded_checksums(folder).get(os.path.basename(path))
+    weights = _load_safetensors(path, sha) if path == st else _torch_load(path, sha)
+    _check_values(weights, path)
+    return adapter_config, weights, path
 
 
 def _parse_adapter(tensors, source: str, modules, r: int) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -114,20 +259,20 @@ def _parse_adapter(tensors, source: str, modules, r: int) -> Dict[str, Dict[str,
     out: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _PEFT_KEY.match(key)
-        target = _match_module(m.group("module"), modules) if m else None
+        target = match_module(m.group("module"), modules) if m else None
         if target is None:
-            raise ValueError(f"mogu: {source}: unknown key {key!r} (not a LoRA weight of a MoGU target module; "
+            raise CheckpointError(f"mogu: {source}: unknown key {key!r} (not a LoRA weight of a MoGU target module; "
                              f"targets look like {next(iter(modules))!r})")
         N, K = _out_in(modules[target])
         _check_shape(key, t, (r, K) if m.group("ab") == "A" else (N, r), source)
         slot = out.setdefault(target, {})
         if m.group("ab") in slot:
-            raise ValueError(f"mogu: {source}: key {key!r} duplicates lora_{m.group('ab')} of {target!r}")
+            raise CheckpointError(f"mogu: {source}: key {key!r} duplicates lora_{m.group('ab')} of {target!r}")
         slot[m.group("ab")] = t
     for name in modules:
         for ab in "AB":
             if ab not in out.get(name, {}):
-                raise ValueError(f"mogu: {source}: missing key 'base_model.model.{name}.lora_{ab}.weight' "
+                raise CheckpointError(f"mogu: {source}: missing key 'base_model.model.{name}.lora_{ab}.weight' "
                                  f"(the model has {len(modules)} target modules)")
     return out
 
@@ -140,17 +285,20 @@ def _parse_router(tensors, source: str, modules) -> Tuple[int, Dict[str, Dict[st
     for key, t in tensors.items():
         m = _ROUTER_KEY.match(key)
         if m is None:
-            raise ValueError(f"mogu: {source}: unknown key {key!r} (expected '<prefix>routers.<i>.alpha_|beta_."
+            raise CheckpointError(f"mogu: {source}: unknown key {key!r} (expected '<prefix>routers.<i>.alpha_|beta_."
                              f"linear_0|1|2.weight|bias')")
         i = int(m.group("i"))
         if i >= len(names):
-            raise ValueError(f"mogu: {source}: key {key!r} is for layer {i} but the model has only "
+            raise CheckpointError(f"mogu: {source}: key {key!r} is for layer {i} but the model has only "
                              f"{len(names)} MoGU target modules (layer count mismatch)")
-        if m.group("lin") == "linear_0" and m.group("kind") == "weight":
-            hidden = t.shape[0] if hidden is None else hidden
+        if m.group("lin") == "linear_0" and m.group("kind") == "weight" and hidden is None:
+            if t.dim() != 2 or t.shape[0] < 1:
+                raise CheckpointError(f"mogu: {source}: key {key!r} has shape {tuple(t.shape)}, expected "
+                                      f"(hidden, {_out_in(modules[names[i]])[1]}) with hidden >= 1")
+            hidden = int(t.shape[0])
         out.setdefault(names[i], {})[f"{m.group('head')}.{m.group('lin')}.{m.group('kind')}"] = t
     if hidden is None:
-        raise ValueError(f"mogu: {source}: no router weights found")
+        raise CheckpointError(f"mogu: {source}: no router weights found")
     prefix = next(iter(tensors)).rsplit("routers.", 1)[0]
     for i, name in enumerate(names):
         N, K = _out_in(modules[name])
@@ -158,7 +306,7 @@ def _parse_router(tensors, source: str, modules) -> Tuple[int, Dict[str, Dict[st
         for suffix, shape in _head_param_shapes(hidden, K).items():
             key = f"{prefix}routers.{i}.{suffix}"
             if suffix not in got:
-                raise ValueError(f"mogu: {source}: missing key {key!r}")
+                raise CheckpointError(f"mogu: {source}: missing key {key!r}")
             _check_shape(key, got[suffix], shape, source)
     return hidden, out
 
@@ -217,39 +365,114 @@ def load_official(model: nn.Module, glad, unwill, router, config: Optional[MoGUC
     config: MoGU settings other than the experts' (target modules, mogu_tokens); r and
         lora_alpha come from adapter_config.json, the router width from the router file.
 
-    Raises FileNotFoundError naming a missing path, ValueError naming the key for an
-    unknown/missing key, a wrong shape or a layer-count mismatch. On any error the model
-    is left exactly as it was.
+    Raises FileNotFoundError naming every missing path; CheckpointError (a ValueError)
+    naming the file (and key) for an unreadable, truncated or corrupted file, an
+    unknown/missing key, a wrong shape or dtype, a NaN/inf weight, a checksum mismatch or a
+    layer-count mismatch. On any error the model is left exactly as it was.
     """
     base_config = config or getattr(model, "mogu_config", None) or MoGUConfig()
-    paths = {"glad": glad, "unwill": unwill}
-    adapters = {e: _read_adapter(paths[e], e) for e in EXPERTS}
-    router_path = _require_path(router, "router state dict")
+    if router is None:
+        raise ValueError("mogu: router state dict path is required")
+    missing = _adapter_missing(glad, "glad") + _adapter_missing(unwill, "unwill")
+    if not os.path.exists(os.fspath(router)):
+        missing.append(f"router state dict {os.fspath(router)}")
+    _raise_missing(missing)
+    router_path = os.fspath(router)
+    config, experts = read_experts(model, glad, unwill, base_config)
+    modules = _module_index(model, config)
+    tensors = _torch_load(router_path, _recorded_checksums(os.path.dirname(router_path) or ".").get(
+        os.path.basename(router_path)))
+    _check_values(tensors, router_path)
+    hidden, routers = _parse_router(tensors, router_path, modules)
+    config = _config_or_error(router_path, {**config.to_dict(), "router_hidden": hidden})
+    return _apply(model, config, experts, routers)
+
+
+def _config_or_error(source: str, values: dict) -> MoGUConfig:
+    try:
+        return MoGUConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"mogu: {source}: {exc}") from exc
+
+
+def read_experts(model: nn.Module, glad, unwill, config: Optional[MoGUConfig] = None
+                 ) -> Tuple[MoGUConfig, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
+    """Read and check the two expert adapters (peft folders) for ``model``; touches nothing.
+
+    Returns (config, experts): ``config`` = ``config`` (default: the model's, else the
+    defaults) with r, lora_alpha and lora_dropout from the adapters' ``adapter_config.json``
+    (which must agree); ``experts`` = {target module name: (lora_A (2, r, K), lora_B
+    (2, N, r))}, index 0 unwill, 1 glad, for every module ``config`` puts MoGU on. Same
+    errors as :func:`load_official`.
+    """
+    base = config or getattr(model, "mogu_config", None) or MoGUConfig()
+    _raise_missing(_adapter_missing(glad, "glad") + _adapter_missing(unwill, "unwill"))
+    adapters = {e: _read_adapter({"glad": glad, "unwill": unwill}[e], e) for e in EXPERTS}
     (cfg_u, _, src_u), (cfg_g, _, src_g) = adapters["unwill"], adapters["glad"]
     if (int(cfg_u["r"]), float(cfg_u["lora_alpha"])) != (int(cfg_g["r"]), float(cfg_g["lora_alpha"])):
         raise ValueError(f"mogu: the experts differ in r/lora_alpha ({src_u}: r={cfg_u['r']}, "
                          f"lora_alpha={cfg_u['lora_alpha']}; {src_g}: r={cfg_g['r']}, "
                          f"lora_alpha={cfg_g['lora_alpha']})")
     r, lora_alpha = int(cfg_u["r"]), float(cfg_u["lora_alpha"])
-    modules = _module_index(model, base_config)
+    config = _config_or_error(src_u, {**base.to_dict(), "r": r, "lora_alpha": lora_alpha,
+                                      "lora_dropout": float(cfg_u.get("lora_dropout", base.lora_dropout))})
+    modules = _module_index(model, config)
     parsed = {e: _parse_adapter(adapters[e][1], adapters[e][2], modules, r) for e in EXPERTS}
-    hidden, routers = _parse_router(_torch_load(router_path), router_path, modules)
-    config = MoGUConfig(**{**base_config.to_dict(), "r": r, "lora_alpha": lora_alpha,
-                           "lora_dropout": float(cfg_u.get("lora_dropout", base_config.lora_dropout)),
-                           "router_hidden": hidden})
     experts = {n: (torch.stack([parsed[e][n]["A"] for e in EXPERTS]), torch.stack([parsed[e][n]["B"] for e in EXPERTS]))
                for n in modules}
-    return _apply(model, config, experts, routers)
+    return config, experts
+
+
+def load_experts(model: nn.Module, glad, unwill, config: Optional[MoGUConfig] = None) -> nn.Module:
+    """Load the two expert adapters (peft folders, as :func:`load_official`) but no router:
+    :func:`read_experts`, then patch if needed (fresh router heads) and copy them in. Same
+    errors and all-or-nothing guarantee as :func:`load_official`."""
+    config, experts = read_experts(model, glad, unwill, config)
+    return _apply(model, config, experts, routers=None)
+
+
+def read_adapter_config(folder, expert: str = "adapter") -> dict:
+    """A peft adapter folder's checked ``adapter_config.json`` (r, lora_alpha, lora_dropout
+    valid); the weights are not read. FileNotFoundError / CheckpointError naming the file."""
+    return _read_adapter(folder, expert, tensors=False)[0]
+
+
+def adapter_modules(folder, expert: str = "adapter") -> List[str]:
+    """The module paths a peft adapter folder holds LoRA weights for (as written in its keys,
+    ``base_model.model.`` dropped), in file order, each once; the file is fully checked."""
+    out: List[str] = []
+    for key in _read_adapter(folder, expert)[1]:
+        m = _PEFT_KEY.match(key)
+        if m and m.group("module") not in out:
+            out.append(m.group("module"))
+    return out
+
+
+def router_file_hidden(path) -> int:
+    """The router width (hidden size of the heads) of a published router state dict."""
+    path = _require_path(path, "router state dict")
+    for key, t in _torch_load(path).items():
+        if key.endswith("linear_0.weight") and t.dim() == 2:
+            return int(t.shape[0])
+    raise CheckpointError(f"mogu: {path}: no router weights found")
 
 
 # --------------------------------------------------------------- own format
-def _atomic_write(path: str, write) -> None:
-    """Write through a temporary file in the same folder, then rename: no half files."""
+def atomic_write(path, write: Callable[[str], None]) -> None:
+    """Create or replace ``path`` all at once: ``write(tmp)`` fills a temporary file in the
+    same folder, which is flushed to disk and renamed over ``path`` (``os.replace``). A
+    crash at any point leaves the old file (or none) or the new one, never half of one;
+    the temporary file is removed on an error. Every file the project writes goes through
+    here (or is written into a folder that is itself renamed into place when complete).
+    """
+    path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:          # the bytes reach the disk before the rename
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes 0600 files; give the usual mode
         os.replace(tmp, path)
     except BaseException:
@@ -258,18 +481,26 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
+_atomic_write = atomic_write          # the older private name
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write a UTF-8 text file atomically (temporary file in the same folder + rename)."""
+def atomic_write_text(path, text: str) -> None:
+    """Write a UTF-8 text file atomically (see :func:`atomic_write`)."""
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-    _atomic_write(path, write)
+    atomic_write(path, write)
+
+
+def atomic_write_json(path, value, indent: Optional[int] = 1, **kwargs) -> None:
+    """``json.dump(value)`` plus a final newline, atomically (see :func:`atomic_write`)."""
+    atomic_write_text(path, json.dumps(value, indent=indent, ensure_ascii=False, **kwargs) + "\n")
 
 
 def save_pretrained(model: nn.Module, directory, folded: bool = False) -> None:
@@ -304,8 +535,9 @@ def save_pretrained(model: nn.Module, directory, folded: bool = False) -> None:
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "folded": is_folded,
             "model_type": getattr(getattr(model, "config", None), "model_type", None),
             "modules": list(layers), "config": config.to_dict()}
-    _atomic_write(os.path.join(directory, OWN_WEIGHTS),
-                  lambda p: save_file(tensors, p, metadata={"format": FORMAT_NAME}))
+    weights = os.path.join(directory, OWN_WEIGHTS)
+    atomic_write(weights, lambda p: save_file(tensors, p, metadata={"format": FORMAT_NAME}))
+    meta["sha256"] = {OWN_WEIGHTS: sha256_file(weights)}
     atomic_write_text(os.path.join(directory, OWN_CONFIG), json.dumps(meta, indent=2) + "\n")
 
 
@@ -313,37 +545,48 @@ def from_pretrained(model: nn.Module, directory) -> nn.Module:
     """Load a folder written by ``save_pretrained`` (full or folded) into ``model``.
 
     Patches the model if needed (with the saved config); same errors and the same
-    all-or-nothing guarantee as ``load_official``.
+    all-or-nothing guarantee as ``load_official``. When ``mogu_config.json`` records the
+    weights' sha256 (every folder written since it was added), a mismatch is an error.
     """
     directory = _require_path(directory, "MoGU folder")
-    config_path = _require_path(os.path.join(directory, OWN_CONFIG), "MoGU config")
-    weights_path = _require_path(os.path.join(directory, OWN_WEIGHTS), "MoGU weights")
-    with open(config_path, encoding="utf-8") as f:
-        try:
-            meta = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"mogu: {config_path} is not valid JSON: {exc}") from exc
+    _refuse_unfinished(directory)
+    config_path, weights_path = os.path.join(directory, OWN_CONFIG), os.path.join(directory, OWN_WEIGHTS)
+    _raise_missing([f"MoGU {what} {p}" for p, what in ((config_path, "config"), (weights_path, "weights"))
+                    if not os.path.exists(p)])
+    meta = _read_json(config_path)
     if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"mogu: {config_path}: format {meta.get('format')!r} version {meta.get('version')!r} "
-                         f"is not {FORMAT_NAME!r} version {FORMAT_VERSION}")
-    config = MoGUConfig.from_dict(meta["config"])
+        raise CheckpointError(f"mogu: {config_path}: format {meta.get('format')!r} version {meta.get('version')!r} "
+                              f"is not {FORMAT_NAME!r} version {FORMAT_VERSION}")
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"mogu: {config_path}: 'config' must be a JSON object (the MoGUConfig)")
+    try:
+        config = MoGUConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"mogu: {config_path}: {exc}") from exc
+    saved_modules = meta.get("modules", [])
+    if not isinstance(saved_modules, list) or not all(isinstance(m, str) for m in saved_modules):
+        raise CheckpointError(f"mogu: {config_path}: 'modules' must be a list of module names")
+    folded = meta.get("folded", False)
+    if not isinstance(folded, bool):
+        raise CheckpointError(f"mogu: {config_path}: 'folded' must be true or false, got {folded!r}")
+    sums = meta.get("sha256", {})
+    if not isinstance(sums, dict) or not isinstance(sums.get(OWN_WEIGHTS, ""), str):
+        raise CheckpointError(f"mogu: {config_path}: 'sha256' must map {OWN_WEIGHTS!r} to a hex digest")
     if is_patched(model):
         modules = OrderedDict(patched_modules(model))
     else:
         modules = OrderedDict(find_targets(model, config))
-    saved_modules = meta.get("modules", [])
     mapping = {}
     for saved in saved_modules:
-        target = _match_module(saved, modules)
+        target = match_module(saved, modules)
         if target is None:
-            raise ValueError(f"mogu: {config_path}: module {saved!r} does not exist among the model's MoGU "
-                             f"targets (e.g. {next(iter(modules))!r})")
+            raise CheckpointError(f"mogu: {config_path}: module {saved!r} does not exist among the model's MoGU "
+                                  f"targets (e.g. {next(iter(modules))!r})")
         mapping[saved] = target
-    if len(saved_modules) != len(modules):
-        raise ValueError(f"mogu: {config_path} has {len(saved_modules)} modules but the model has "
-                         f"{len(modules)} MoGU target modules (layer count mismatch)")
-    tensors = load_file(weights_path)
-    folded = bool(meta.get("folded"))
+    if len(saved_modules) != len(modules) or len(set(mapping.values())) != len(modules):
+        raise CheckpointError(f"mogu: {config_path} has {len(saved_modules)} modules but the model has "
+                              f"{len(modules)} MoGU target modules (layer count mismatch)")
+    tensors = _load_safetensors(weights_path, sums.get(OWN_WEIGHTS))
     expected = {}
     r, E = config.r, len(EXPERTS)
     for saved, target in mapping.items():
@@ -357,11 +600,12 @@ def from_pretrained(model: nn.Module, directory) -> nn.Module:
             expected.update({f"{saved}.{k}": s for k, s in _head_param_shapes(config.router_hidden, K).items()})
     for key in tensors:
         if key not in expected:
-            raise ValueError(f"mogu: {weights_path}: unknown key {key!r}")
+            raise CheckpointError(f"mogu: {weights_path}: unknown key {key!r}")
     for key, shape in expected.items():
         if key not in tensors:
-            raise ValueError(f"mogu: {weights_path}: missing key {key!r}")
+            raise CheckpointError(f"mogu: {weights_path}: missing key {key!r}")
         _check_shape(key, tensors[key], shape, weights_path)
+    _check_values(tensors, weights_path)
     experts = {t: (tensors[f"{s}.lora_A"], tensors[f"{s}.lora_B"]) for s, t in mapping.items()}
     if folded:
         fold = {t: (tensors[f"{s}.router_weight"], tensors[f"{s}.router_bias"]) for s, t in mapping.items()}
@@ -399,9 +643,16 @@ def export_peft(model: nn.Module, directory, expert: str) -> None:
         target_modules=config.resolve_targets(getattr(getattr(model, "config", None), "model_type", None)),
         bias="none", task_type="CAUSAL_LM",
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None)
-    _atomic_write(os.path.join(directory, "adapter_model.safetensors"),
-                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    lora_config.save_pretrained(directory)
+    atomic_write(os.path.join(directory, "adapter_model.safetensors"),
+                 lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write_text(os.path.join(directory, ADAPTER_CONFIG), peft_config_json(lora_config))
+    write_checksums(directory, ["adapter_model.safetensors"])
+
+
+def peft_config_json(peft_config) -> str:
+    """The text ``peft_config.save_pretrained`` writes as adapter_config.json (for an atomic write)."""
+    out = {k: list(v) if isinstance(v, set) else v for k, v in peft_config.to_dict().items()}
+    return json.dumps(out, indent=2, sort_keys=True)
 
 
 # ------------------------------------------------------------- any folder
@@ -421,6 +672,7 @@ def load(model: nn.Module, path, config: Optional[MoGUConfig] = None) -> nn.Modu
       and ``router_layer/<step>_router.pth`` (the largest step of each is taken).
     """
     path = _require_path(path, "MoGU folder")
+    _refuse_unfinished(path)
     if os.path.exists(os.path.join(path, OWN_CONFIG)):
         return from_pretrained(model, path)
     parts = {d: os.path.join(path, d) for d in ("resp_glad", "resp_unwill", "router_layer")}

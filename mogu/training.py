@@ -29,11 +29,22 @@ Output folder ``out``::
     training_log.jsonl        one JSON object per optimizer step (loss and its parts, gates)
     checkpoints/step-NNNNNNNN/ weights (a peft adapter / own format), optimizer.pt,
                               state.json, rng-<rank>.pt; written every save_steps and at the end
-    stage 1: adapter_config.json + adapter_model.safetensors (final expert)
+    stage 1: adapter_config.json + adapter_model.safetensors (final expert), mogu_checksums.json
     stage 2: mogu_config.json + mogu_model.safetensors (final), folded/ (deployment copy)
+    training_incomplete.json  present while a run is under way (or was killed): loaders refuse
+                              the folder until a run finishes
 
 ``resume=True`` continues from the newest checkpoint with its optimizer state, data
 position and RNG state: on CPU a resumed run is bitwise the uninterrupted run.
+
+Crash safety: a checkpoint is written into ``step-N.tmp/`` and renamed into place once
+complete, its ``state.json`` (written last) recording the sha256 of every file in it,
+checked on resume; a folder without ``state.json`` is never resumed from. Every other file
+is written atomically (``checkpoint.atomic_write``), the final outputs through a staging
+folder moved into place file by file, and ``training_incomplete.json`` is removed last. So a
+run killed at any point (SIGKILL included) leaves the previous checkpoint loadable, is
+resumed to bitwise the uninterrupted run's weights (CPU), and is never taken for a
+finished one.
 """
 from __future__ import annotations
 
@@ -53,6 +64,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data as mdata
+from .checkpoint import TRAINING_INCOMPLETE, atomic_write_text, write_checksums
 from .config import EXPERTS, ROUTER_HEADS, MoGUConfig
 from .patching import find_targets, is_patched, patch_model, patched_modules
 
@@ -67,9 +79,13 @@ ARGS_FILE = "training_args.json"
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 FOLDED_DIR = "folded"
+INCOMPLETE_FILE = TRAINING_INCOMPLETE           # the run-in-progress marker, removed last (loaders refuse it)
+STAGING_DIR = ".final.tmp"                       # final outputs are assembled here, then moved into out
+# The final outputs (removed when a run starts, put back when it ends).
+FINAL_ENTRIES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md",
+                 "mogu_checksums.json", "mogu_config.json", "mogu_model.safetensors", FOLDED_DIR)
 # Entries of an output folder this module writes; overwrite=True removes these only.
-OWNED_ENTRIES = (CHECKPOINTS, LOG_FILE, ARGS_FILE, "adapter_config.json", "adapter_model.safetensors",
-                 "adapter_model.bin", "README.md", "mogu_config.json", "mogu_model.safetensors", FOLDED_DIR)
+OWNED_ENTRIES = (CHECKPOINTS, LOG_FILE, ARGS_FILE, INCOMPLETE_FILE, STAGING_DIR) + FINAL_ENTRIES
 # Arguments that define the optimisation trajectory: a resumed run must match them.
 RESUME_KEYS = ("stage", "expert", "data", "batch_size", "per_step", "lr", "weight_decay", "max_grad_norm", "seed",
                "shuffle", "max_length", "system", "r", "lora_alpha", "lora_dropout", "target_modules", "lam",
@@ -226,23 +242,17 @@ def load_experts(model: nn.Module, glad, unwill, config: Optional[MoGUConfig] = 
     patched model keeps its router heads. r and lora_alpha come from the adapters'
     ``adapter_config.json``. Same checks and all-or-nothing guarantee as ``load_official``.
     """
-    from .checkpoint import _apply, _module_index, _parse_adapter, _read_adapter
+    from .checkpoint import load_experts as _load_experts
 
-    config = _expert_config(model, glad, unwill, config)
-    adapters = {e: _read_adapter({"glad": glad, "unwill": unwill}[e], e) for e in EXPERTS}
-    modules = _module_index(model, config)
-    parsed = {e: _parse_adapter(adapters[e][1], adapters[e][2], modules, config.r) for e in EXPERTS}
-    experts = {n: (torch.stack([parsed[e][n]["A"] for e in EXPERTS]), torch.stack([parsed[e][n]["B"] for e in EXPERTS]))
-               for n in modules}
-    return _apply(model, config, experts, routers=None)
+    return _load_experts(model, glad, unwill, _expert_config(model, glad, unwill, config))
 
 
 def _expert_config(model: nn.Module, glad, unwill, base: Optional[MoGUConfig]) -> MoGUConfig:
     """The MoGU config with r, lora_alpha, lora_dropout of the two adapters (which must agree)."""
-    from .checkpoint import _read_adapter
+    from .checkpoint import read_adapter_config
 
     base = base or getattr(model, "mogu_config", None) or MoGUConfig()
-    cfg = {e: _read_adapter(p, e)[0] for e, p in (("glad", glad), ("unwill", unwill))}
+    cfg = {e: read_adapter_config(p, e) for e, p in (("glad", glad), ("unwill", unwill))}
     key = {e: (int(c["r"]), float(c["lora_alpha"])) for e, c in cfg.items()}
     if key["glad"] != key["unwill"]:
         raise ValueError(f"mogu: the experts differ in r/lora_alpha (glad {glad}: {key['glad']}, "
@@ -258,29 +268,24 @@ def _expert_config(model: nn.Module, glad, unwill, base: Optional[MoGUConfig]) -
 def _adapter_layers(model: nn.Module, config: MoGUConfig, folder) -> Optional[List[int]]:
     """The target-module indices an adapter folder covers, or None when it covers them all
     (experts trained with ``layers=`` carry LoRA on those layers only)."""
-    from .checkpoint import _PEFT_KEY, _match_module, _read_adapter
+    from .checkpoint import adapter_modules, match_module
     from .patching import all_targets
 
     names = [n for n, _ in all_targets(model, config)]
     index = {n: i for i, n in enumerate(names)}
     modules = OrderedDict((n, None) for n in names)
     covered = set()
-    for key in _read_adapter(folder, "glad")[1]:
-        m = _PEFT_KEY.match(key)
-        target = _match_module(m.group("module"), modules) if m else None
+    for module in adapter_modules(folder):
+        target = match_module(module, modules)
         if target is not None:
             covered.add(index[target])
     return None if not covered or len(covered) == len(names) else sorted(covered)
 
 
 def _router_file_hidden(path) -> int:
-    from .checkpoint import _require_path, _torch_load
+    from .checkpoint import router_file_hidden
 
-    tensors = _torch_load(_require_path(path, "router state dict"))
-    for key, t in tensors.items():
-        if key.endswith("linear_0.weight"):
-            return int(t.shape[0])
-    raise ValueError(f"mogu: {path}: no router weights found")
+    return router_file_hidden(path)
 
 
 # ================================================================ the loop
@@ -358,8 +363,11 @@ def _check_resume_args(out: str, args: Dict[str, Any]) -> None:
     path = os.path.join(out, ARGS_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"resume: {path} is missing")
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"resume: {path} is not valid JSON ({exc}); start a new run") from exc
     diff = [f"{k}: saved {saved.get(k)!r}, now {args.get(k)!r}" for k in RESUME_KEYS
             if json.loads(json.dumps(saved.get(k))) != json.loads(json.dumps(args.get(k)))]
     if diff:
@@ -389,6 +397,58 @@ def _set_rng_state(state: Dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def _remove(path: str) -> None:
+    """Remove a file or folder tree; a folder is first renamed aside (one atomic step), so a
+    crash mid-removal never leaves a half-deleted folder under its real name."""
+    if os.path.isdir(path):
+        trash = os.path.join(os.path.dirname(path), f".trash-{os.path.basename(path)}-{os.getpid()}")
+        os.replace(path, trash)
+        shutil.rmtree(trash)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _clean_debris(out: str) -> None:
+    """Remove what a killed run can leave: checkpoint folders still being written
+    (``step-N.tmp``), folders renamed aside for removal, a final-output staging folder."""
+    for folder, mine in ((out, lambda e: e == STAGING_DIR),
+                         (os.path.join(out, CHECKPOINTS), lambda e: e.startswith("step-") and e.endswith(".tmp"))):
+        if not os.path.isdir(folder):
+            continue
+        for e in os.listdir(folder):
+            if mine(e) or e.startswith(".trash-") or e.startswith(".tmp-"):
+                path = os.path.join(folder, e)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def _checkpoint_sums(folder: str) -> Dict[str, str]:
+    from .checkpoint import sha256_file
+
+    return {e: sha256_file(os.path.join(folder, e)) for e in sorted(os.listdir(folder))
+            if e != STATE_FILE and os.path.isfile(os.path.join(folder, e))}
+
+
+def _verify_checkpoint(folder: str) -> Dict[str, Any]:
+    """The checkpoint's state.json, after checking every file against the sha256 it records
+    (checkpoints written before checksums have none: nothing to check)."""
+    from .checkpoint import CheckpointError, sha256_file
+
+    path = os.path.join(folder, STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"resume: {path} is not valid JSON ({exc})") from exc
+    for name, digest in (state.get("sha256") or {}).items():
+        file = os.path.join(folder, name)
+        if not os.path.exists(file):
+            raise CheckpointError(f"resume: {file} is missing from the checkpoint")
+        if sha256_file(file) != digest:
+            raise CheckpointError(f"resume: {file} does not match the sha256 recorded in {path} (corrupted); "
+                                  f"delete {folder} to resume from the checkpoint before it")
+    return state
+
+
 # Progress-bar fields: the loss and its parts (stage 1), the mean gates by class (stage 2).
 _POSTFIX = ("loss", "ce_affirm", "ce_reject", "alpha_malicious", "alpha_benign", "beta_malicious", "beta_benign")
 
@@ -415,9 +475,9 @@ def _run(stage: _Stage, args: Dict[str, Any], out: str, *, accelerator, checkpoi
 
     state = {"global_step": 0, "epoch": 0, "windows_done": 0, "examples_seen": 0, "num_processes": nproc}
     if checkpoint is not None:
+        saved = _verify_checkpoint(checkpoint)
         stage.load_weights(stage.model, checkpoint)
-        with open(os.path.join(checkpoint, STATE_FILE), encoding="utf-8") as f:
-            state.update(json.load(f))
+        state.update({k: v for k, v in saved.items() if k not in ("sha256", "finished")})
         if state["num_processes"] != nproc:
             raise ValueError(f"resume: {checkpoint} was written by {state['num_processes']} processes, now {nproc} "
                              f"(the data position depends on it)")
@@ -426,17 +486,19 @@ def _run(stage: _Stage, args: Dict[str, Any], out: str, *, accelerator, checkpoi
     model, optimizer = accelerator.prepare(stage.model, optimizer)
     if checkpoint is not None:
         optimizer.load_state_dict(torch.load(os.path.join(checkpoint, OPTIMIZER_FILE), map_location="cpu",
-                                             weights_only=True))
+                                             weights_only=True))     # checked against its sha256 above
 
     log_path = os.path.join(out, LOG_FILE)
     if main:
+        atomic_write_text(os.path.join(out, INCOMPLETE_FILE), json.dumps(
+            {"stage": stage.name, "note": "a training run is under way or was interrupted; resume it "
+             "(resume=True / --resume) or start again (overwrite=True / --overwrite)"}, indent=2) + "\n")
+        _clean_debris(out)
+        for entry in FINAL_ENTRIES:             # outputs of an earlier call: never mixed with this run's
+            _remove(os.path.join(out, entry))
         if checkpoint is not None and os.path.exists(log_path):    # drop lines past the checkpoint
-            with open(log_path, encoding="utf-8") as f:
-                lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= state["global_step"]]
-            with open(log_path, "w", encoding="utf-8") as f:
-                f.writelines(lines)
-        with open(os.path.join(out, ARGS_FILE), "w", encoding="utf-8") as f:
-            json.dump(args, f, indent=2, sort_keys=True, default=str)
+            atomic_write_text(log_path, "".join(_log_lines_upto(log_path, state["global_step"])))
+        atomic_write_text(os.path.join(out, ARGS_FILE), json.dumps(args, indent=2, sort_keys=True, default=str))
     accelerator.wait_for_everyone()
 
     def save_checkpoint(finished: bool) -> None:
@@ -451,18 +513,17 @@ def _run(stage: _Stage, args: Dict[str, Any], out: str, *, accelerator, checkpoi
         accelerator.wait_for_everyone()
         torch.save(_rng_state(), os.path.join(tmp, f"rng-{accelerator.process_index}.pt"))
         accelerator.wait_for_everyone()
-        if main:
-            with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-                json.dump({**state, "finished": finished}, f, indent=2)
-            if os.path.exists(ckpt):
-                shutil.rmtree(ckpt)
+        if main:             # state.json last: a folder without it is never resumed from
+            atomic_write_text(os.path.join(tmp, STATE_FILE), json.dumps(
+                {**state, "finished": finished, "sha256": _checkpoint_sums(tmp)}, indent=2))
+            _remove(ckpt)
             os.replace(tmp, ckpt)
             if save_total_limit:
                 folder = os.path.join(out, CHECKPOINTS)
                 done = sorted((e for e in os.listdir(folder) if e.startswith("step-") and e[5:].isdigit()),
                               key=lambda e: int(e[5:]))
                 for old in done[:-save_total_limit]:
-                    shutil.rmtree(os.path.join(folder, old))
+                    _remove(os.path.join(folder, old))
         accelerator.wait_for_everyone()
 
     if checkpoint is not None:
@@ -544,7 +605,7 @@ def _run(stage: _Stage, args: Dict[str, Any], out: str, *, accelerator, checkpoi
         finished = state["global_step"] >= total_steps
         save_checkpoint(finished=finished)        # the newest checkpoint always holds the final state
         if main:
-            stage.save_final(accelerator.unwrap_model(model), out)
+            _publish_final(stage, accelerator.unwrap_model(model), out)
         accelerator.wait_for_everyone()
     finally:
         bar.close()
@@ -553,6 +614,41 @@ def _run(stage: _Stage, args: Dict[str, Any], out: str, *, accelerator, checkpoi
         accelerator.free_memory()
     return TrainResult(output_dir=out, global_step=state["global_step"], finished=finished, losses=losses,
                        log_file=log_path)
+
+
+def _log_lines_upto(path: str, step: int) -> List[str]:
+    """The log's lines up to ``step`` (a resumed run rewrites the rest); a last line cut
+    short by a kill is dropped."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    keep = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"resume: {path}: line {i + 1} is not valid JSON") from None
+        if record.get("step", 0) <= step:
+            keep.append(line + "\n")
+    return keep
+
+
+def _publish_final(stage: _Stage, model: nn.Module, out: str) -> None:
+    """Write the final outputs into a staging folder, move them into ``out`` one rename each,
+    then remove the run-in-progress marker: a kill at any point leaves either the marker
+    (an unfinished run, refused by the loaders) or the complete outputs."""
+    staging = os.path.join(out, STAGING_DIR)
+    _remove(staging)
+    os.makedirs(staging)
+    stage.save_final(model, staging)
+    for entry in sorted(os.listdir(staging)):
+        _remove(os.path.join(out, entry))
+        os.replace(os.path.join(staging, entry), os.path.join(out, entry))
+    os.rmdir(staging)
+    os.remove(os.path.join(out, INCOMPLETE_FILE))
 
 
 def _accumulate(sums: Dict[str, torch.Tensor], name: str, values: torch.Tensor) -> None:
@@ -750,6 +846,10 @@ def train_expert(model: nn.Module, tokenizer, expert: str, affirm, reject, out, 
                 if getattr(result, "unexpected_keys", None):
                     raise ValueError(f"resume: {folder}: unexpected adapter keys {result.unexpected_keys[:3]}")
 
+            def save_final(m, d):
+                m.save_pretrained(d)
+                write_checksums(d, ["adapter_model.safetensors"])
+
             stage = _Stage(
                 name="expert", model=peft_model,
                 params=[p for p in peft_model.parameters() if p.requires_grad], features=features,
@@ -758,7 +858,7 @@ def train_expert(model: nn.Module, tokenizer, expert: str, affirm, reject, out, 
                 rows_per_example=2,
                 save_weights=lambda m, d: m.save_pretrained(d),
                 load_weights=load_weights,
-                save_final=lambda m, d: m.save_pretrained(d))
+                save_final=save_final)
             return _run(stage, args, out, accelerator=accelerator, checkpoint=checkpoint, per_step=pairs_per_step,
                         batch_size=batch_size, epochs=epochs, max_steps=max_steps, lr=lr, weight_decay=weight_decay,
                         max_grad_norm=max_grad_norm, seed=seed, shuffle=shuffle, save_steps=save_steps,

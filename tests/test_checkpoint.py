@@ -201,6 +201,12 @@ def test_bad_own_format(released, tmp_path):
     save_file(tensors, path)
     fresh = copy.deepcopy(base)
     before = _logits(fresh, _ids())
+    with pytest.raises(ValueError, match="mogu_model.safetensors does not match its recorded sha256"):
+        mogu.from_pretrained(fresh, out)
+    _assert_untouched(fresh, before)
+    meta = json.loads((out / "mogu_config.json").read_text())
+    del meta["sha256"]                                   # as a folder written before checksums
+    (out / "mogu_config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="model.layers.0.self_attn.o_proj.lora_A"):
         mogu.from_pretrained(fresh, out)
     _assert_untouched(fresh, before)
