@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
-from .checkpoint import OWN_CONFIG, atomic_write_text
+from .checkpoint import OWN_CONFIG, atomic_write, atomic_write_text
 from .config import MoGUConfig
 from .evaluation import PromptFiles, evaluate
 from .patching import is_patched, router_offset, set_router_offset
@@ -140,7 +140,7 @@ def _plot(result: CalibrationResult, path: str) -> Optional[str]:
     ax2.set_ylabel("malicious-label prompts refused (%)")
     ax2.set_title("trade-off (each point one d)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 

@@ -23,7 +23,12 @@ formats ``mogu train-expert`` / ``mogu train-router`` read unchanged; in every p
                            malicious -> refusal template
     router_labels.json     stage 2 labels aligned with router_data.json: 0 benign, 1 malicious
     generations.jsonl      the cache: one line per generation attempt (resume reuses it)
-    build_report.json      counts (instructions, attempts, retried, dropped, truncated) and settings
+    build_report.json      counts (instructions, attempts, retried, dropped, truncated) and settings;
+                           written last: the completion marker (removed when a run starts)
+
+Every file is written atomically (``mogu.checkpoint.atomic_write``); the cache is appended
+line by line and a line cut short by a kill is dropped on resume, so a killed run resumes
+to the same files as an uninterrupted one.
 
 Training with them::
 
@@ -44,6 +49,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 import torch.nn as nn
 
+from .checkpoint import atomic_write_json, atomic_write_text
 from .data import pad_id_of
 from .judge import Judgement, KeywordJudge
 from .prompt_files import read_prompt_file
@@ -233,11 +239,7 @@ def _labelled_files(files) -> List[Tuple[str, str]]:
 
 
 def _write_json(path: str, value) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, value, indent=1)
 
 
 def model_name(model: nn.Module) -> str:
@@ -297,8 +299,8 @@ class _Cache:
             good.append(line)
             if obj["key"] == self.key:
                 self.attempts.setdefault((obj["label"], obj["instruction"]), []).append(obj)
-        with open(self.path, "w", encoding="utf-8") as f:          # drop a cut-off last line
-            f.write("".join(g + "\n" for g in good))
+        if len(good) != sum(1 for line in lines if line.strip()):   # drop a cut-off last line
+            atomic_write_text(self.path, "".join(g + "\n" for g in good))
 
     def add(self, records: List[Dict]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -405,6 +407,10 @@ def build_data(model: nn.Module, tokenizer, benign: Instructions = None, malicio
     settings = dict(model=model_name(model), max_new_tokens=max_new_tokens, system=system, temperature=temperature,
                     top_p=top_p, seed=seed, generation_kwargs=generation_kwargs or {})
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    # build_report.json is the completion marker, written last: a run killed before the end
+    # leaves none (an earlier run's report would describe other files).
+    if os.path.exists(os.path.join(out, REPORT_FILE)):
+        os.remove(os.path.join(out, REPORT_FILE))
     cache = _Cache(os.path.join(out, CACHE_FILE), key)
 
     # Every distinct (label, instruction) needs one accepted compliant answer; attempt 0 is

@@ -55,7 +55,10 @@ Output folder ``out``::
 Resumable: rows already in ``responses.jsonl`` (same file, row, template and system) are
 skipped; judgements are recomputed for every row with the current judge, labels and
 categories refreshed from the prompt files, and missing harm scores are filled in when a
-scorer is given.
+scorer is given. Every file is written atomically (``mogu.checkpoint.atomic_write``);
+``summary.json`` (and the plots) are removed when a run starts and written only once
+``responses.jsonl`` is complete, so a killed run is never taken for a finished one and
+resumes to the same files as an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -69,6 +72,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .checkpoint import atomic_write, atomic_write_json, atomic_write_text
 from .data_building import claim_output_folder, cut_answer, eos_ids, greedy_kwargs, left_pad, model_name
 from .data import pad_id_of
 from .jailbreak_templates import Template, apply_template, load_templates
@@ -192,19 +196,15 @@ def _read_responses(path: str) -> List[Dict]:
 
 
 def _write_jsonl(path: str, records: List[Dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def _write_json(path: str, value) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, value, indent=1)
+
+
+def _savefig(fig, path: str, dpi: int) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
 # ------------------------------------------------------------------ generation
@@ -468,7 +468,7 @@ def write_plots(records: List[Dict], summary: Dict, out: str) -> List[str]:
             _bar_panel(fig.add_subplot(len(panels), 1, k + 1), labels, systems, values, ylabel, title)
         fig.tight_layout()
         path = os.path.join(out, REFUSAL_PLOT)
-        fig.savefig(path, dpi=120)
+        _savefig(fig, path, 120)
         written.append(path)
     mogu = [r for r in records if r["system"] == "mogu" and r.get("gates_prompt")]
     if mogu:
@@ -500,7 +500,7 @@ def write_plots(records: List[Dict], summary: Dict, out: str) -> List[str]:
         fig.suptitle("MoGU gates per layer (band: 10-90% of prompts)")
         fig.tight_layout()
         path = os.path.join(out, GATES_PLOT)
-        fig.savefig(path, dpi=110)
+        _savefig(fig, path, 110)
         written.append(path)
     return written
 
@@ -607,6 +607,11 @@ def evaluate(model: nn.Module, tokenizer, prompt_files: PromptFiles = None, *, o
             raise ValueError(f"evaluate: {out} holds results made with other settings ({'; '.join(diff)}); use "
                              f"another out folder or overwrite=True")
     _write_json(config_path, settings)
+    # summary.json is the completion marker, written after responses.jsonl is complete: a
+    # run killed before that leaves none (an earlier run's summary would not cover this one).
+    for stale in (SUMMARY_FILE, REFUSAL_PLOT, GATES_PLOT):
+        if os.path.exists(os.path.join(out, stale)):
+            os.remove(os.path.join(out, stale))
 
     def system_of(row: Dict) -> Optional[str]:
         return row["system"] if row.get("system") is not None else system

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write, atomic_write_text
 from .config import MoGUConfig
 from .data_building import left_pad
 from .data import pad_id_of
@@ -199,7 +199,7 @@ def _plot(result: ProbeResult, path: str, chosen: Optional[List[int]]) -> Option
                  f"{result.n_heldout}" + (f"; red = chosen {chosen}" if chosen else "") + ")", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 
