@@ -5,6 +5,13 @@
   (Linear(d,512,no bias) -> Linear(512,d) -> Linear(d,1) -> sigmoid), two LoRA branches,
   and the gated mixture, ~12 separate ops;
 * ``mogu:<backend>``: ``mogu_kernels.mogu_linear`` with the folded router vectors.
+
+The MoGU math itself is stated once, in ``mogu_kernels/reference.py``: the folded router
+vectors come from its ``fold_router_head`` (the fold ``RouterHead.folded`` uses), and
+the ``mogu:*`` rows run the op. ``published`` is the one deliberate restatement: it is
+what is being timed (the published code's op sequence, unfolded heads, two separate LoRA
+branches, all in the model dtype), so it must not take the reference's shortcuts;
+tests/test_benchmark_smoke.py pins it to the float64 spec so it cannot drift.
 """
 from __future__ import annotations
 
@@ -14,9 +21,17 @@ import torch
 import torch.nn.functional as F
 
 import mogu_kernels
+from mogu_kernels.reference import fold_router_head
 
 
 def make_layer_weights(K: int, N: int, r: int, dtype, device, hidden: int = 512, seed: int = 0) -> Dict:
+    """Random non-zero weights of one MoGU layer (E = 2 experts), every term O(1).
+
+    Keys: weight (N, K), bias (N,), lora_A (2, r, K), lora_B (2, N, r) and the two
+    published heads "alpha_"/"beta_" ([W0 (h, K), W1 (K, h), b1 (K,), W2 (1, K), b2 (1,)]),
+    all in ``dtype`` on ``device``; scaling 2.0; router_weight (2, K) and router_bias (2,)
+    fp32, the heads folded exactly by ``fold_router_head`` (as ``MoGULinear`` does).
+    """
     g = torch.Generator(device="cpu").manual_seed(seed)
     def rnd(*shape, scale):
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
@@ -28,13 +43,9 @@ def make_layer_weights(K: int, N: int, r: int, dtype, device, hidden: int = 512,
     for head in ("alpha_", "beta_"):
         w[head] = [rnd(hidden, K, scale=K ** -0.5), rnd(K, hidden, scale=hidden ** -0.5), rnd(K, scale=0.1),
                    rnd(1, K, scale=K ** -0.5), rnd(1, scale=0.1)]
-    # Fold each head exactly (v = W2 W1 W0, c = W2 b1 + b2), in fp32 as MoGULinear does.
-    vs, cs = [], []
-    for head in ("alpha_", "beta_"):
-        w0, w1, b1, w2, b2 = (t.float() for t in w[head])
-        vs.append(((w2 @ w1) @ w0).squeeze(0))
-        cs.append((w2 @ b1 + b2).squeeze(0))
-    w["router_weight"], w["router_bias"] = torch.stack(vs), torch.stack(cs)
+    folded = [fold_router_head(w[head]) for head in ("alpha_", "beta_")]
+    w["router_weight"] = torch.stack([v for v, _ in folded])
+    w["router_bias"] = torch.stack([c for _, c in folded])
     return w
 
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mogu_kernels import mogu_linear, router_gates
-from mogu_kernels.reference import stacked_lora_B
+from mogu_kernels.reference import fold_router_head, mix_experts
 
 from .config import EXPERTS, MoGUConfig
 
@@ -75,11 +75,10 @@ class RouterHead(nn.Module):
         return self.linear_2(self.linear_1(self.linear_0(x)))
 
     def folded(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(v (d,), c ()) in fp32 with logit = v . x + c; differentiable in the head's weights."""
-        w0, w1, b1 = self.linear_0.weight.float(), self.linear_1.weight.float(), self.linear_1.bias.float()
-        w2, b2 = self.linear_2.weight.float(), self.linear_2.bias.float()
-        w21 = w2 @ w1                                  # (1, h): multiply the thin side first
-        return (w21 @ w0).squeeze(0), (w2 @ b1 + b2).squeeze(0)
+        """(v (d,), c ()) in fp32 with logit = v . x + c; differentiable in the head's weights
+        (``mogu_kernels.reference.fold_router_head``, the one statement of the fold)."""
+        return fold_router_head((self.linear_0.weight, self.linear_1.weight, self.linear_1.bias,
+                                 self.linear_2.weight, self.linear_2.bias))
 
 
 class MoGULinear(nn.Module):
@@ -235,22 +234,17 @@ class MoGULinear(nn.Module):
     def _forward_with_dropout(self, x, lora_A, lora_B, router_weight, router_bias):
         """Training with LoRA dropout: the experts see dropout(x), the base and routers x.
 
-        Dropout breaks the "one shared x" premise of the fused op, so this path is unfused
-        (same math as the reference backend). Set lora_dropout=0 to train through the op.
+        Dropout breaks the "one shared x" premise of the fused op, so this path is unfused:
+        it computes the three inputs of the mixture itself (gates and base output from x,
+        the stacked shrink from dropout(x)) and mixes them with the reference's
+        ``mix_experts`` (same math and dtypes as the reference backend). Set
+        lora_dropout=0 to train through the op. Returns (y (..., N), gates (..., 2)) in x's dtype.
         """
         gates = router_gates(x, router_weight, router_bias)                  # (..., 2) fp32
-        mix = gates
-        if self.base_rows is not None:
-            mix = gates.masked_fill(self.base_rows.unsqueeze(-1), 0.0)
         E, r = lora_A.shape[0], lora_A.shape[1]
-        shrink = F.linear(self.lora_dropout(x), lora_A.reshape(E * r, -1)).to(gates.dtype)
-        scaled = (shrink.unflatten(-1, (E, r)) * (self.scaling * mix).unsqueeze(-1)).flatten(-2)
-        delta = F.linear(scaled.to(x.dtype), stacked_lora_B(lora_B))
-        gate_sum = mix.sum(-1, keepdim=True)
-        if self.base_rows is not None:
-            gate_sum = gate_sum.masked_fill(self.base_rows.unsqueeze(-1), 1.0)
-        y = gate_sum * self._base_forward(self, x).to(gates.dtype) + delta.to(gates.dtype)
-        return y.to(x.dtype), gates.to(x.dtype)
+        shrink = F.linear(self.lora_dropout(x), lora_A.reshape(E * r, -1))   # (..., 2r) x's dtype
+        y = mix_experts(self._base_forward(self, x), shrink, gates, lora_B, self.scaling, self.base_rows)
+        return y, gates.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

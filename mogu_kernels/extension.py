@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 import torch
 
 from .dispatch import Backend, register_backend
+from .validation import accumulation_dtype
 
 try:
     from . import _C  # noqa: F401  (loading it registers the mogu_C ops)
@@ -36,11 +37,6 @@ try:
 except (ImportError, OSError) as exc:  # not built, or built against another torch
     _C = None
     LOAD_ERROR = f"extension mogu_kernels._C not built: {type(exc).__name__}: {exc}"
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32, or fp64 for fp64 inputs: the dtype of the gate math and of ``saved``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 if _C is not None:
@@ -51,7 +47,7 @@ if _C is not None:
         lead = x.shape[:-1]
         E, r, _ = lora_A.shape
         return (x.new_empty((*lead, weight.shape[0])), x.new_empty((*lead, E)),
-                x.new_empty((*lead, E * r + E), dtype=_acc_dtype(x.dtype)))
+                x.new_empty((*lead, E * r + E), dtype=accumulation_dtype(x.dtype)))
 
     @torch.library.register_fake("mogu_C::mogu_linear_backward")
     def _mogu_linear_backward_fake(grad_y, grad_gates, x, weight, bias, lora_A, lora_B, router_weight,

@@ -1,4 +1,5 @@
-"""Argument checks for ``mogu_linear``: one place that states the op contract.
+"""Argument checks for ``mogu_linear`` and its accumulation-dtype rule: one place that
+states the op contract's checkable part (docs/design.md section 2).
 
 Every check raises ``ValueError`` naming the offending argument, its shape/dtype/device
 and what was expected, so a caller never has to decode a shape error from deep inside a
@@ -11,6 +12,16 @@ from typing import Optional
 import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the gate math, of the rank-space activations and of the final sum for
+    inputs of ``dtype``: fp32 for fp32/fp16/bf16, fp64 for fp64 (never below fp32, so half
+    inputs do not round the sigmoid or the gate sum). Every backend follows this rule:
+    the reference computes in it, the C++ extension saves its backward state in it, and
+    the Triton kernels (fp32/fp16/bf16 only) accumulate in fp32.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _describe(t: torch.Tensor) -> str:

@@ -192,6 +192,40 @@ def test_dropout_training_path_matches_fused_when_dropout_inactive():
     assert rel_err(unfused, fused) < 1e-5
 
 
+@pytest.mark.parametrize("family", ["llama", "falcon"])
+def test_dropout_training_path_matches_float64_with_dropped_expert_inputs(family):
+    """Active LoRA dropout: the experts see dropout(x), the base layer and the routers see x,
+    base rows stay the plain base layer; checked in float64 with the same dropout mask."""
+    from op_spec import random_base_rows, spec_mogu_linear
+
+    model = BUILDERS[family]()
+    mogu.patch_model(model, mogu.MoGUConfig(lora_dropout=0.3))
+    _fill_random(model)
+    layer = next(iter(mogu.patched_modules(model).values()))
+    layer.train()
+    x = torch.randn(2, 4, layer.in_features, generator=torch.Generator().manual_seed(5))
+    layer.base_rows = random_base_rows(x, seed=2)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        y = layer(x)
+    torch.manual_seed(11)
+    dropped = layer.lora_dropout(x)                         # the mask the layer drew
+    assert (dropped == 0).any() and not torch.equal(dropped, x)
+    w, b = layer.router_vectors()
+    # The spec with the experts zeroed gives the gates of x and sum(g(x)) * base(x); the
+    # experts' part is added at dropout(x) with those gates.
+    y_base, gates = spec_mogu_linear(x, layer.weight, layer.bias, torch.zeros_like(layer.lora_A), layer.lora_B,
+                                     w, b, layer.scaling)
+    want = y_base
+    for e in range(2):
+        expert = dropped.double() @ layer.lora_A[e].double().T @ layer.lora_B[e].double().T
+        want = want + layer.scaling * gates[..., e, None] * expert
+    base64 = x.double() @ layer.weight.double().T + (layer.bias.double() if layer.bias is not None else 0)
+    want = torch.where(layer.base_rows.unsqueeze(-1), base64, want)
+    assert rel_err(y, want) < 1e-5
+    assert rel_err(y[~layer.base_rows], y_base[~layer.base_rows]) > 1e-3     # the experts contribute
+
+
 def test_foreign_linear_subclasses_are_refused_by_name():
     """A linear subclass whose forward reads other state would be computed wrongly by the
     bitwise base path: patching refuses it, naming the class, until it is registered."""

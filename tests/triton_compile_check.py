@@ -31,6 +31,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from mogu_kernels import triton_backend as tb  # noqa: E402
+from op_spec import make_inputs  # noqa: E402  (tests/ is sys.path[0] when run as a script)
 
 _TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8"}
 
@@ -91,13 +92,7 @@ def main(argv=None) -> int:
 
     cases = CASES if args.cases is None else [CASES[int(i)] for i in args.cases.split(",")]
     for dtype, M, K, N, r, E, bias, base_rows in cases:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(M, K, generator=g).to(dtype)
-        w = torch.randn(N, K, generator=g).to(dtype)
-        b = torch.randn(N, generator=g).to(dtype) if bias else None
-        A = torch.randn(E, r, K, generator=g).to(dtype)
-        B = torch.randn(E, N, r, generator=g).to(dtype)
-        rw, rb = torch.randn(E, K, generator=g), torch.randn(E, generator=g)
+        x, w, b, A, B, rw, rb = make_inputs(M, K, N, r, E, bias=bias, dtype=dtype)
         br = torch.zeros(M, dtype=torch.bool) if base_rows else None
         before = len(launches)
         tb.triton_mogu_linear(x, w, b, A, B, rw, rb, 2.0, br)
