@@ -2,14 +2,17 @@
 
 Each command lives in its own module that defines ``register(subparsers)``, adding one
 or more sub-commands whose parsers set ``func`` (called with the parsed args, returning
-an exit code). Add a module name to COMMAND_MODULES to add commands.
+an exit code). Add a module name to COMMAND_MODULES to add commands. What the commands
+share (model options, path checks before the model loads, loading, the one-line error
+``mogu CMD: error: ...``) is in ``mogu.cli_common``.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from typing import List, Optional
+
+from . import cli_common
 
 COMMAND_MODULES = [
     "mogu.cli_generate",   # mogu generate, mogu chat
@@ -19,8 +22,15 @@ COMMAND_MODULES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mogu", description="MoGU: safe/usable LoRA experts with per-token routers")
+def build_parser() -> cli_common.ArgumentParser:
+    parser = cli_common.ArgumentParser(
+        prog="mogu", description="MoGU: safe/usable LoRA experts with per-token routers",
+        epilog="Errors are one line 'mogu COMMAND: error: ...' with exit code 1 (2 for bad options); --debug or "
+               f"{cli_common.DEBUG_ENV}=1 adds the traceback. Every path given is checked before the model loads.")
+    parser.add_argument("--version", action="version", version=cli_common.version_line())
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help=f"on an error, print the Python traceback too (default: off; also "
+                             f"{cli_common.DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -30,16 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    for command_parser in sub.choices.values():
+        cli_common.add_debug_arg(command_parser)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:             # --help, --version (0) or a bad option (2, one line printed)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    return cli_common.run(args)
 
 
 if __name__ == "__main__":

@@ -1,37 +1,29 @@
 """``mogu build-data`` and ``mogu eval``: training data from instruction lists, and evaluation.
 
-    mogu build-data --model DIR [--gguf-file F] (--instructions F | --benign F --malicious F) --out DIR
-    mogu eval       --model DIR [--gguf-file F] [--mogu DIR] (--prompts F | --benign F | --malicious F |
+    mogu build-data --model M [--gguf-file F] (--instructions F | --benign F --malicious F) --out DIR
+    mogu eval       --model M [--gguf-file F] [--mogu DIR] (--prompts F | --benign F | --malicious F |
                     --borderline F) [--templates PATH] --out DIR
 
-``--model`` is a local Hugging Face model folder (with ``--gguf-file``, the folder of a GGUF
-file, loaded through transformers' ``gguf_file``). See ``mogu.data_building`` and
-``mogu.evaluation`` for the files written, ``mogu.jailbreak_templates`` for template files.
+``--model`` is a local Hugging Face model folder, a folder holding one GGUF file (or several,
+with ``--gguf-file``), or a hub name (``mogu.cli_common``). Every file and folder given is
+checked before the model loads. See ``mogu.data_building`` and ``mogu.evaluation`` for the
+files written, ``mogu.jailbreak_templates`` for template files.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
+from .cli_common import (EXPLAIN_M, add_batch_args, add_model_args, check_model, check_mogu_folder,
+                         check_out_files, load_inference_model)
 from .data_building import CACHE_FILE, FILES, REPORT_FILE
 
 
 def _model_args(p: argparse.ArgumentParser, with_mogu: bool) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="local Hugging Face model folder (or the folder of --gguf-file) "
-                                                  "(required)")
-    g.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (default: none)")
-    if with_mogu:
-        g.add_argument("--mogu", default=None,
-                       help="MoGU folder (own format, folded or not, or a published release root); without it only "
-                            "the base model is evaluated (default: none)")
-    g.add_argument("--dtype", default="auto",
-                   help="float32 | bfloat16 | float16 | auto (fp32 on CPU, bf16 on CUDA) (default: %(default)s)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    g.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: %(default)s)")
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
+    g = add_model_args(p, mogu="optional" if with_mogu else None,
+                       mogu_help="MoGU folder (own format, folded or not, or a published release root); without it "
+                                 "only the base model is evaluated")
+    add_batch_args(g)
 
 
 def _read_phrases(path):
@@ -50,8 +42,8 @@ def register(subparsers) -> None:
         epilog="Files: unsafety_{affirm,reject}.json = malicious instructions with compliant/refusing answers "
                "(glad, stage 1); safety_{affirm,reject}.json = benign instructions with compliant/refusing answers "
                "(unwill, stage 1); router_data.json + router_labels.json (stage 2, 1 = malicious).\n\n"
-               "Example: mogu build-data --model $SMOL --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf "
-               "--instructions mogu/samples/instructions_train.json --out data/")
+               "Example: mogu build-data --model M --instructions mogu/samples/instructions_train.json "
+               f"--out runs/data\n{EXPLAIN_M}")
     _model_args(b, with_mogu=False)
     g = b.add_argument_group("data")
     g.add_argument("--instructions", nargs="+", default=None,
@@ -91,8 +83,8 @@ def register(subparsers) -> None:
                "Templates: .yaml/.yml with the text in a value field holding {{ prompt }} (optional name, default "
                "the file stem), .json {\"name\", \"value\"} or a list of them, .txt the whole file; a folder "
                "takes its own such files in name order.\n\n"
-               "Example: mogu eval --model $SMOL --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --mogu run/router/folded "
-               "--prompts mogu/samples/instructions_heldout.json --out eval/")
+               "Example: mogu eval --model M --mogu runs/router/folded "
+               f"--prompts mogu/samples/instructions_heldout.json --out runs/eval\n{EXPLAIN_M}")
     _model_args(e, with_mogu=True)
     g = e.add_argument_group("prompts and judging")
     g.add_argument("--prompts", nargs="+", default=None, help="prompt files, labels from their rows (default: none)")
@@ -114,7 +106,7 @@ def register(subparsers) -> None:
     g.add_argument("--judge-url", default=None,
                    help="OpenAI-compatible endpoint for a 0..1 harmfulness score; key from $OPENAI_API_KEY "
                         "(default: off)")
-    g.add_argument("--judge-model", default=None, help="model name for --judge-url (required with it)")
+    g.add_argument("--judge-model", default=None, help="model name for --judge-url (required with it; default: none)")
     o = e.add_argument_group("output")
     o.add_argument("--out", required=True, help="output folder (required)")
     o.add_argument("--no-plots", action="store_true", help="do not write PNG plots (default: write them)")
@@ -124,33 +116,27 @@ def register(subparsers) -> None:
     e.set_defaults(func=run_eval)
 
 
-def _fail(command: str, exc: Exception) -> int:
-    print(f"mogu {command}: error: {exc}", file=sys.stderr)
-    return 1
-
-
 def run_build_data(args) -> int:
-    from .data_building import build_data
-    from .generation import load_for_inference
+    from .data_building import OWNED_FILES, build_data, read_refusals
     from .prompt_files import read_prompt_file
 
     if not (args.instructions or args.benign or args.malicious):
-        return _fail("build-data", ValueError("give --instructions, or --benign and --malicious"))
-    try:
-        # Read the prompt files before loading the model: a malformed one fails fast.
-        benign = [r["instruction"] for f in args.benign or [] for r in read_prompt_file(f, label="benign")]
-        malicious = [r["instruction"] for f in args.malicious or [] for r in read_prompt_file(f, label="malicious")]
-        for f in args.instructions or []:
-            read_prompt_file(f)
-        model, tokenizer = load_for_inference(args.model, gguf_file=args.gguf_file, dtype=args.dtype,
-                                              device=args.device)
-        result = build_data(model, tokenizer, benign=benign, malicious=malicious, out=args.out,
-                            instructions=args.instructions, refusals=args.refusals,
-                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system,
-                            retries=args.retries, temperature=args.temperature, seed=args.seed,
-                            resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        return _fail("build-data", exc)
+        raise ValueError("give --instructions, or --benign and --malicious")
+    # Every path given is checked before the model loads: a malformed file fails fast.
+    benign = [r["instruction"] for f in args.benign or [] for r in read_prompt_file(f, label="benign")]
+    malicious = [r["instruction"] for f in args.malicious or [] for r in read_prompt_file(f, label="malicious")]
+    for f in args.instructions or []:
+        read_prompt_file(f)
+    if args.refusals:
+        read_refusals(args.refusals)
+    args.out = check_out_files(args.out, OWNED_FILES, overwrite=args.overwrite, resume=not args.no_resume)
+    check_model(args, "build-data")
+    model, tokenizer = load_inference_model(args)
+    result = build_data(model, tokenizer, benign=benign, malicious=malicious, out=args.out,
+                        instructions=args.instructions, refusals=args.refusals,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system,
+                        retries=args.retries, temperature=args.temperature, seed=args.seed,
+                        resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
     c = result.report["counts"]
     print(f"build-data: {result.report['pairs']['glad']} glad pairs, {result.report['pairs']['unwill']} unwill "
           f"pairs, {result.report['router_rows']} router rows -> {os.path.abspath(result.out)}")
@@ -162,35 +148,35 @@ def run_build_data(args) -> int:
 
 
 def run_eval(args) -> int:
-    from .evaluation import evaluate
-    from .generation import load_for_inference
+    from .evaluation import OWNED_FILES, evaluate
     from .jailbreak_templates import load_templates
     from .prompt_files import read_prompt_file
 
     if not (args.prompts or args.benign or args.malicious or args.borderline):
-        return _fail("eval", ValueError("give --prompts, --benign, --malicious or --borderline"))
+        raise ValueError("give --prompts, --benign, --malicious or --borderline")
     if args.judge_url and not args.judge_model:
-        return _fail("eval", ValueError("--judge-url needs --judge-model"))
-    try:
-        # Malformed prompt files and templates fail before the model loads.
-        phrases = _read_phrases(args.refusal_phrases) if args.refusal_phrases else None
-        for files, label, category in ((args.prompts, None, None), (args.benign, "benign", None),
-                                       (args.malicious, "malicious", None), (args.borderline, "benign", "borderline")):
-            for f in files or []:
-                read_prompt_file(f, label=label, category=category)
-        if args.templates:
-            load_templates(args.templates)
-        model, tokenizer = load_for_inference(args.model, mogu_path=args.mogu, gguf_file=args.gguf_file,
-                                              dtype=args.dtype, device=args.device)
-        result = evaluate(model, tokenizer, args.prompts, out=args.out, benign=args.benign, malicious=args.malicious,
-                          borderline=args.borderline, templates=args.templates,
-                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                          mogu_tokens=args.mogu_tokens, system=args.system, refusal_phrases=phrases,
-                          harm_scorer=args.judge_url, harm_model=args.judge_model, compare_base=not args.no_base,
-                          resume=not args.no_resume, overwrite=args.overwrite, plots=not args.no_plots,
-                          progress=not args.no_progress, print_summary=True)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
-        return _fail("eval", exc)
+        raise ValueError("--judge-url needs --judge-model")
+    # Every path given is checked before the model loads: malformed prompt files, templates,
+    # phrases, a missing MoGU folder or an output conflict fail fast.
+    phrases = _read_phrases(args.refusal_phrases) if args.refusal_phrases else None
+    for files, label, category in ((args.prompts, None, None), (args.benign, "benign", None),
+                                   (args.malicious, "malicious", None), (args.borderline, "benign", "borderline")):
+        for f in files or []:
+            read_prompt_file(f, label=label, category=category)
+    if args.templates:
+        load_templates(args.templates)
+    if args.mogu is not None:
+        args.mogu = check_mogu_folder(args.mogu)
+    args.out = check_out_files(args.out, OWNED_FILES, overwrite=args.overwrite, resume=not args.no_resume)
+    check_model(args, "eval")
+    model, tokenizer = load_inference_model(args, mogu_path=args.mogu)
+    result = evaluate(model, tokenizer, args.prompts, out=args.out, benign=args.benign, malicious=args.malicious,
+                      borderline=args.borderline, templates=args.templates,
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                      mogu_tokens=args.mogu_tokens, system=args.system, refusal_phrases=phrases,
+                      harm_scorer=args.judge_url, harm_model=args.judge_model, compare_base=not args.no_base,
+                      resume=not args.no_resume, overwrite=args.overwrite, plots=not args.no_plots,
+                      progress=not args.no_progress, print_summary=True)
     print(f"eval: {os.path.abspath(result.responses)}, {os.path.join(os.path.abspath(result.out), 'summary.json')}"
           + (f", plots: {', '.join(os.path.basename(p) for p in result.plots)}" if result.plots else ""))
     return 0

@@ -1,14 +1,15 @@
 """``mogu generate`` and ``mogu chat``: MoGU text generation from the command line.
 
-    mogu generate --model DIR [--gguf-file F] [--mogu DIR] --prompt TEXT [options]
-    mogu chat     --model DIR [--gguf-file F] [--mogu DIR] [options]
+    mogu generate --model M [--gguf-file F] [--mogu DIR] --prompt TEXT [options]
+    mogu chat     --model M [--gguf-file F] [--mogu DIR] [options]
 
-``--model`` is a local Hugging Face model folder (with ``--gguf-file``, the folder of a
-GGUF file); ``--mogu`` a MoGU folder in this project's format or a published release
-root (without it the plain base model runs, for comparison). The prompt is formatted with
-the tokenizer's chat template, or the Llama-2 ``[INST]`` template when it has none
-(``--raw`` sends the text as is). The answer is streamed to stdout; greedy unless
-``--temperature`` > 0.
+``--model`` is a local Hugging Face model folder, a folder holding one GGUF file (or
+several, with ``--gguf-file``), or a hub name (see ``mogu.cli_common``); ``--mogu`` a MoGU
+folder in this project's format or a published release root (without it the plain base
+model runs, for comparison). Both are checked before the model loads. The prompt is
+formatted with the tokenizer's chat template, or the Llama-2 ``[INST]`` template when it
+has none (``--raw`` sends the text as is). The answer is streamed to stdout; greedy
+unless ``--temperature`` > 0.
 """
 from __future__ import annotations
 
@@ -16,41 +17,43 @@ import argparse
 import sys
 from typing import Dict, List
 
+from .cli_common import EXPLAIN_M, add_model_args, check_model, check_mogu_folder, load_inference_model
 from .generation import PROTOCOLS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="local Hugging Face model folder (or the folder of --gguf-file)")
-    g.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
-    g.add_argument("--mogu", default=None,
-                   help="MoGU folder (own format or published release root); omit for the plain base model")
-    g.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (fp32 on CPU, bf16 on CUDA)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add_model_args(p, mogu="optional")
     d = p.add_argument_group("decoding")
-    d.add_argument("--system", default=None, help="system prompt")
-    d.add_argument("--max-new-tokens", type=int, default=256)
+    d.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
+    d.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (default: %(default)s)")
     d.add_argument("--protocol", choices=PROTOCOLS, default="exact",
                    help="exact: published protocol (MoGU for the first --mogu-tokens tokens, then the base "
-                        "model), token-exact; cached: switch to base keeping the cache; always: MoGU throughout")
+                        "model), token-exact; cached: switch to base keeping the cache; always: MoGU throughout "
+                        "(default: %(default)s)")
     d.add_argument("--mogu-tokens", type=int, default=None, help="tokens decided by MoGU (default: the config's, 5)")
-    d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    d.add_argument("--top-p", type=float, default=None)
-    d.add_argument("--top-k", type=int, default=None)
-    d.add_argument("--seed", type=int, default=None, help="torch.manual_seed before generating")
-    d.add_argument("--raw", action="store_true", help="send the prompt text as is (no chat template)")
+    d.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy; > 0 samples (default: %(default)s)")
+    d.add_argument("--top-p", type=float, default=None, help="nucleus sampling with --temperature (default: off)")
+    d.add_argument("--top-k", type=int, default=None, help="top-k sampling with --temperature (default: off)")
+    d.add_argument("--seed", type=int, default=None, help="torch.manual_seed before generating (default: none)")
+    d.add_argument("--raw", action="store_true", help="send the prompt text as is (default: the chat template)")
 
 
 def register(subparsers) -> None:
-    gen = subparsers.add_parser("generate", help="generate one answer (streamed to stdout)",
-                                description="Generate an answer to one prompt with a MoGU model.")
+    gen = subparsers.add_parser(
+        "generate", help="generate one answer (streamed to stdout)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Generate an answer to one prompt with a MoGU model (or the plain base model without --mogu).",
+        epilog=f"Example: mogu generate --model M --mogu runs/router/folded --prompt 'How do I pick a lock?'\n"
+               f"{EXPLAIN_M}")
     _add_model_args(gen)
-    gen.add_argument("--prompt", required=True, help="the instruction ('-' reads it from stdin)")
+    gen.add_argument("--prompt", required=True, help="the instruction ('-' reads it from stdin) (required)")
     gen.set_defaults(func=run_generate)
 
-    chat = subparsers.add_parser("chat", help="interactive chat (streamed)",
-                                 description="Chat with a MoGU model. Commands: /reset (forget the conversation), "
-                                             "/exit (or end of input).")
+    chat = subparsers.add_parser(
+        "chat", help="interactive chat (streamed)", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Chat with a MoGU model. Commands: /reset (forget the conversation), /exit (or end of input).",
+        epilog=f"Example: mogu chat --model M --mogu runs/router/folded\n{EXPLAIN_M}")
     _add_model_args(chat)
     chat.set_defaults(func=run_chat)
 
@@ -82,10 +85,13 @@ def _decoding_kwargs(args, tokenizer) -> Dict:
     return kw
 
 
-def _load(args):
-    from .generation import load_for_inference
-    return load_for_inference(args.model, mogu_path=args.mogu, gguf_file=args.gguf_file, dtype=args.dtype,
-                              device=args.device, protocol=args.protocol)
+def _load(args, command: str):
+    """Check --mogu and --model (before anything loads), then load."""
+    _check_args(args)
+    if args.mogu is not None:
+        args.mogu = check_mogu_folder(args.mogu)
+    check_model(args, command)
+    return load_inference_model(args, mogu_path=args.mogu, protocol=args.protocol)
 
 
 def _answer(model, tokenizer, prompt_text: str, args) -> List[int]:
@@ -113,31 +119,21 @@ def _answer(model, tokenizer, prompt_text: str, args) -> List[int]:
     return out[0, input_ids.shape[1]:].tolist()
 
 
-def _fail(command: str, exc: Exception) -> int:
-    print(f"mogu {command}: error: {exc}", file=sys.stderr)
-    return 1
-
-
 def run_generate(args) -> int:
     from .prompting import format_prompt
-    try:
-        _check_args(args)
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        model, tokenizer = _load(args)
-        text = prompt if args.raw else format_prompt(tokenizer, prompt, system=args.system)
-        _answer(model, tokenizer, text, args)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        return _fail("generate", exc)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise ValueError("the prompt is empty (--prompt)")
+    model, tokenizer = _load(args, "generate")
+    text = prompt if args.raw else format_prompt(tokenizer, prompt, system=args.system)
+    _answer(model, tokenizer, text, args)
     return 0
 
 
 def run_chat(args) -> int:
+    from .cli_common import fail
     from .prompting import format_chat
-    try:
-        _check_args(args)
-        model, tokenizer = _load(args)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        return _fail("chat", exc)
+    model, tokenizer = _load(args, "chat")
     mode = "MoGU" if args.mogu else "base model"
     print(f"[mogu chat: {mode}, protocol {args.protocol}; /reset forgets, /exit quits]", file=sys.stderr)
     history: List[Dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
@@ -159,8 +155,8 @@ def run_chat(args) -> int:
         prompt = text if args.raw else format_chat(tokenizer, turn)
         try:
             new_ids = _answer(model, tokenizer, prompt, args)
-        except ValueError as exc:
-            _fail("chat", exc)
+        except ValueError as exc:          # one bad turn does not end the chat
+            fail("chat", exc)
             continue
         reply = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
         history = turn + [{"role": "assistant", "content": reply}]

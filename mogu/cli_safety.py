@@ -1,9 +1,10 @@
 """``mogu calibrate`` and ``mogu probe``: the usability/safety dial and layer selection.
 
-    mogu calibrate --model DIR [--gguf-file F] --mogu MOGU_DIR --prompts VAL.jsonl --out DIR [--target 0.05]
-    mogu probe     --model DIR [--gguf-file F] --train F --heldout F --out DIR [--top K]
+    mogu calibrate --model M [--gguf-file F] --mogu MOGU_DIR --prompts VAL.jsonl --out DIR [--target 0.05]
+    mogu probe     --model M [--gguf-file F] --train F --heldout F --out DIR [--top K]
 
-See ``mogu.calibration`` and ``mogu.probing``.
+See ``mogu.calibration`` and ``mogu.probing``; model options and path checks as in
+``mogu.cli_common``.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import argparse
 import os
 
 from .calibration import DEFAULT_OFFSETS
-from .cli_eval import _fail, _model_args      # the same model options and error line as mogu eval
+from .cli_common import EXPLAIN_M, check_model, check_mogu_folder, check_out, load_inference_model
+from .cli_eval import _model_args      # the same model options as mogu eval
 
 
 def register(subparsers) -> None:
@@ -23,7 +25,7 @@ def register(subparsers) -> None:
                     "stays <= --target there and at every larger d. Writes calibration.json and calibration.png "
                     "(refusal on malicious vs benign as d moves) in --out.",
         epilog="Example: mogu calibrate --model M --mogu runs/x/router/folded "
-               "--prompts mogu/samples/safety/validation.jsonl --out runs/x/calibration")
+               f"--prompts mogu/samples/safety/validation.jsonl --out runs/x/calibration\n{EXPLAIN_M}")
     _model_args(c, with_mogu=False)
     c.add_argument("--mogu", required=True, help="MoGU folder (own format); its mogu_config.json receives the dial "
                                                  "(required)")
@@ -46,7 +48,7 @@ def register(subparsers) -> None:
                     "its accuracy on --heldout prompts. Writes probe.json and probe.png in --out. Use the best K with "
                     "MoGUConfig(layers=[...]) or layers='auto:K'.",
         epilog="Example: mogu probe --model M --train mogu/samples/safety/train.jsonl "
-               "--heldout mogu/samples/safety/validation.jsonl --out runs/probe --top 8")
+               f"--heldout mogu/samples/safety/validation.jsonl --out runs/probe --top 8\n{EXPLAIN_M}")
     _model_args(p, with_mogu=False)
     p.add_argument("--train", nargs="+", required=True, help="labelled prompt files to fit the probes (required)")
     p.add_argument("--heldout", nargs="+", required=True, help="labelled prompt files to score them (required)")
@@ -63,21 +65,17 @@ def _rows(paths):
 def run_calibrate(args) -> int:
     from .calibration import calibrate
     from .checkpoint import OWN_CONFIG
-    from .generation import load_for_inference
 
-    try:
-        for path in args.prompts:                           # malformed files fail before the model loads
-            _rows([path])
-        if not os.path.exists(os.path.join(args.mogu, OWN_CONFIG)):
-            raise FileNotFoundError(f"MoGU folder config not found: {os.path.join(args.mogu, OWN_CONFIG)}")
-        model, tokenizer = load_for_inference(args.model, args.mogu, gguf_file=args.gguf_file, dtype=args.dtype,
-                                              device=args.device)
-        result = calibrate(model, tokenizer, args.prompts, out=args.out, target_benign_refusal=args.target,
-                           offsets=args.offsets, mogu_dir=None if args.dry_run else args.mogu,
-                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system,
-                           progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        return _fail("calibrate", exc)
+    for path in args.prompts:                           # every path given is checked before the model loads
+        _rows([path])
+    args.mogu = check_mogu_folder(args.mogu, own_only=True)
+    args.out = check_out(args.out)
+    check_model(args, "calibrate")
+    model, tokenizer = load_inference_model(args, mogu_path=args.mogu)
+    result = calibrate(model, tokenizer, args.prompts, out=args.out, target_benign_refusal=args.target,
+                       offsets=args.offsets, mogu_dir=None if args.dry_run else args.mogu,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system,
+                       progress=not args.no_progress)
     verdict = "meets" if result.met_target else "does NOT meet"
     print(f"calibrate: chosen offset d={result.chosen:g} ({verdict} benign refusal <= {args.target:g}); "
           f"{'not written (--dry-run)' if args.dry_run else 'written to ' + os.path.join(args.mogu, OWN_CONFIG)}; "
@@ -86,17 +84,14 @@ def run_calibrate(args) -> int:
 
 
 def run_probe(args) -> int:
-    from .generation import load_for_inference
     from .probing import probe_layers
 
-    try:
-        train, heldout = _rows(args.train), _rows(args.heldout)
-        model, tokenizer = load_for_inference(args.model, gguf_file=args.gguf_file, dtype=args.dtype,
-                                              device=args.device)
-        result = probe_layers(model, tokenizer, train, heldout, out=args.out, top=args.top, system=args.system,
-                              batch_size=args.batch_size, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as exc:
-        return _fail("probe", exc)
+    train, heldout = _rows(args.train), _rows(args.heldout)      # checked before the model loads
+    args.out = check_out(args.out)
+    check_model(args, "probe")
+    model, tokenizer = load_inference_model(args)
+    result = probe_layers(model, tokenizer, train, heldout, out=args.out, top=args.top, system=args.system,
+                          batch_size=args.batch_size, progress=not args.no_progress)
     for rank, layer in enumerate(result.ranking[:args.top or len(result.ranking)]):
         print(f"{rank + 1:3d}. layer {layer:3d}  held-out accuracy {100 * result.accuracy[layer]:5.1f}%  "
               f"({result.modules[layer]})")

@@ -1,12 +1,17 @@
 """``mogu train-expert`` and ``mogu train-router``: the two MoGU training stages.
 
-Multi-GPU: ``accelerate launch -m mogu.cli train-router ...`` (each process holds the
-whole model; data-parallel through accelerate).
+Data files, adapter folders, the router file, the output folder and the model path are
+checked before the model loads (``mogu.cli_common``). Multi-GPU: ``accelerate launch -m
+mogu.cli train-router ...`` (each process holds the whole model; data-parallel through
+accelerate).
 """
 from __future__ import annotations
 
 import argparse
+import os
 
+from .cli_common import (EXPLAIN_M, GGUF_HELP, MODEL_HELP, check_adapter_folder, check_files, check_model,
+                         check_out, check_tokenizer, load_training_model)
 from .training import COMMON_DEFAULTS, EXPERT_DEFAULTS, ROUTER_DEFAULTS
 
 _FORMATS = ("Data files: a JSON list (.json) or one JSON value per line (.jsonl) of objects with string "
@@ -16,10 +21,10 @@ _FORMATS = ("Data files: a JSON list (.json) or one JSON value per line (.jsonl)
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="base model: Hugging Face hub name or local folder (required)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer name or folder (default: the --model one)")
-    g.add_argument("--gguf-file", default=None,
-                   help="load the model and tokenizer from this GGUF file inside --model (default: none)")
+    g.add_argument("--model", required=True, help=MODEL_HELP)
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or hub name (default: the --model one)")
+    g.add_argument("--gguf-file", default=None, help=GGUF_HELP)
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow custom modelling code from the model's repository (default: off)")
 
@@ -78,8 +83,8 @@ def register(subparsers) -> None:
                     "Writes a peft adapter folder (read by PeftModel.from_pretrained and mogu.load_official).",
         epilog=_FORMATS + " --affirm and --reject are aligned row by row (same instructions). Published data: "
                "glad on unsafety_{affirm,reject}.json, unwill on safety_{affirm,reject}.json.\n\n"
-               "Example: mogu train-expert --model meta-llama/Llama-2-7b-chat-hf --expert glad "
-               "--affirm unsafety_affirm.json --reject unsafety_reject.json --out resp_glad --bf16")
+               "Example: mogu train-expert --model M --expert glad --affirm runs/data/unsafety_affirm.json "
+               f"--reject runs/data/unsafety_reject.json --out runs/glad\n{EXPLAIN_M}")
     _model_args(e)
     g = e.add_argument_group("expert")
     g.add_argument("--expert", required=True, choices=["glad", "unwill"],
@@ -112,9 +117,9 @@ def register(subparsers) -> None:
                     "(mogu.load / mogu.from_pretrained) and a folded deployment copy in <out>/folded.",
         epilog=_FORMATS + " --labels is a JSON list (or JSONL) of 0/1 aligned with --data: 1 malicious "
                "(route to unwill), 0 benign (route to glad); without --labels every row needs a 0/1 'label'.\n\n"
-               "Example: mogu train-router --model meta-llama/Llama-2-7b-chat-hf --glad resp_glad "
-               "--unwill resp_unwill --data router_data.json --labels router_labels.json --out mogu_llama2 --bf16\n"
-               "Multi-GPU: accelerate launch -m mogu.cli train-router ...")
+               "Example: mogu train-router --model M --glad runs/glad --unwill runs/unwill "
+               "--data runs/data/router_data.json --labels runs/data/router_labels.json --out runs/router\n"
+               f"{EXPLAIN_M}\nMulti-GPU: accelerate launch -m mogu.cli train-router ...")
     _model_args(r)
     g = r.add_argument_group("router")
     g.add_argument("--glad", required=True, help="glad expert, a peft adapter folder (required)")
@@ -146,19 +151,14 @@ def register(subparsers) -> None:
     r.set_defaults(func=_train_router)
 
 
-def _load(args):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _check_common(args, command: str) -> None:
+    """Output folder, tokenizer and model path, checked before the model loads."""
+    from .training import _output_state
 
-    kw = dict(trust_remote_code=args.trust_remote_code)
-    if args.gguf_file:
-        kw["gguf_file"] = args.gguf_file
-    if args.tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(args.model, **kw)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32, **kw)
-    return model, tokenizer
+    args.out = check_out(args.out)
+    _output_state(args.out, args.overwrite, args.resume)      # FileExistsError / no checkpoint to resume
+    args.tokenizer = check_tokenizer(args.tokenizer)
+    check_model(args, command)
 
 
 def _common(args) -> dict:
@@ -171,9 +171,12 @@ def _common(args) -> dict:
 
 
 def _train_expert(args) -> int:
+    from . import data as mdata
     from .training import train_expert
 
-    model, tokenizer = _load(args)
+    mdata.load_pairs(args.affirm, args.reject)                 # the data files, before the model loads
+    _check_common(args, "train-expert")
+    model, tokenizer = load_training_model(args)
     result = train_expert(model, tokenizer, args.expert, args.affirm, args.reject, args.out, r=args.r,
                           lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                           target_modules=args.target_modules, layers=args.layers, pairs_per_step=args.pairs_per_step,
@@ -183,15 +186,23 @@ def _train_expert(args) -> int:
 
 
 def _train_router(args) -> int:
-    from .training import train_router
+    from . import data as mdata
+    from .training import FOLDED_DIR, train_router
 
-    model, tokenizer = _load(args)
+    args.glad = check_adapter_folder(args.glad, "glad")
+    args.unwill = check_adapter_folder(args.unwill, "unwill")
+    mdata.load_labelled(args.data, args.labels)                # the data files, before the model loads
+    if args.router is not None:
+        check_files([args.router], "router file (--router)")
+    _check_common(args, "train-router")
+    model, tokenizer = load_training_model(args)
     result = train_router(model, tokenizer, args.glad, args.unwill, args.data, args.out, labels=args.labels,
                           router=args.router, router_hidden=args.router_hidden, target_modules=args.target_modules,
                           layers=args.layers, joint=args.joint, expert_lr=args.expert_lr, lam=args.lam,
                           gate_tokens=args.gate_tokens, expert_dropout=args.expert_dropout,
                           examples_per_step=args.examples_per_step,
                           **_common(args))
-    print(f"routers: {result.global_step} steps -> {result.output_dir} (folded copy in "
-          f"{result.output_dir}/folded; log {result.log_file})")
+    out = os.path.normpath(result.output_dir)
+    print(f"routers: {result.global_step} steps -> {out} (folded copy in {os.path.join(out, FOLDED_DIR)}; "
+          f"log {result.log_file})")
     return 0

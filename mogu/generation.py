@@ -41,6 +41,8 @@ follows the protocol too while the layers are in mode "mogu"; in any other mode
 from __future__ import annotations
 
 import inspect
+import os
+import re
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -565,11 +567,125 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
+# A Hugging Face hub repository id: "name" or "owner/name" (letters, digits, "_", "-", ".").
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _offline_var() -> Optional[str]:
+    """The variable that puts the hub in offline mode (HF_HUB_OFFLINE=1, ...), or None."""
+    for var in _OFFLINE_VARS:
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return var
+    try:
+        from huggingface_hub import constants
+        return "HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else None
+    except ImportError:
+        return None
+
+
+def is_hub_name(name: str) -> bool:
+    """Whether ``name``, which is not an existing path, can only be a hub repository id:
+    ``name`` or ``owner/name``, not absolute, no ``./``, ``~``, trailing slash, ``.gguf``
+    ending or deeper nesting, and not inside an existing local folder (``runs/model``
+    with ``runs/`` present is a missing local folder, not a hub name)."""
+    if not _HUB_NAME.match(name) or ".." in name or "--" in name or name.endswith((".", "-")):
+        return False
+    if name.lower().endswith(".gguf"):
+        return False
+    return "/" not in name or not os.path.isdir(name.split("/")[0])
+
+
+def resolve_model_path(model_path, gguf_file: Optional[str] = None) -> Tuple[str, Optional[str]]:
+    """Where a model is loaded from, checked before anything loads, local first.
+
+    Returns ``(model_path, gguf_file)`` for ``from_pretrained``:
+
+    * an existing folder: with ``gguf_file``, that file must be in it; without, a folder
+      with ``config.json`` is a Hugging Face folder, else its only ``.gguf`` file is used
+      (several: ValueError naming them; none: ValueError);
+    * an existing ``.gguf`` file: its folder and its name;
+    * a missing path: FileNotFoundError "model folder not found: PATH", unless the name
+      can only be a hub repository id (:func:`is_hub_name`); then it is passed on to
+      transformers (download and cache), except in offline mode (``HF_HUB_OFFLINE=1``)
+      when it is not in the local cache: FileNotFoundError at once, no network.
+    """
+    raw = os.fspath(model_path)
+    if not raw:
+        raise ValueError("mogu: the model path is empty")
+    path = os.path.normpath(raw)
+    if os.path.isfile(path):
+        if path.lower().endswith(".gguf") and gguf_file is None:
+            return os.path.dirname(path) or ".", os.path.basename(path)
+        raise ValueError(f"mogu: the model path must be a folder (or a .gguf file), got the file {path}")
+    if os.path.isdir(path):
+        ggufs = sorted(e for e in os.listdir(path)
+                       if e.lower().endswith(".gguf") and os.path.isfile(os.path.join(path, e)))
+        if gguf_file is not None:
+            if not os.path.isfile(os.path.join(path, gguf_file)):
+                held = f"it holds {', '.join(ggufs)}" if ggufs else "it holds no .gguf file"
+                raise FileNotFoundError(f"mogu: GGUF file not found: {os.path.join(path, gguf_file)} ({held})")
+            return path, gguf_file
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return path, None
+        if len(ggufs) == 1:
+            return path, ggufs[0]
+        if ggufs:
+            raise ValueError(f"mogu: model folder {path} holds several GGUF files ({', '.join(ggufs)}) and no "
+                             f"config.json; name one with --gguf-file (gguf_file=)")
+        raise ValueError(f"mogu: {path} is not a model folder: it holds neither config.json nor a .gguf file")
+    if not is_hub_name(raw):
+        raise FileNotFoundError(f"mogu: model folder not found: {path}")
+    offline = _offline_var()
+    if offline is not None and not _in_hub_cache(raw, gguf_file):
+        raise FileNotFoundError(f"mogu: model folder not found: {path}; as a hub name it is not in the local "
+                                f"Hugging Face cache, and offline mode ({offline}=1) forbids downloading it")
+    return raw, gguf_file
+
+
+def _in_hub_cache(name: str, gguf_file: Optional[str]) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(name, gguf_file or "config.json"), str)
+    except Exception:           # not a valid repo id for the cache either
+        return False
+
+
+_HUB_SEEN = set()
+
+
+def check_hub_model(name: str, gguf_file: Optional[str] = None, timeout: float = 10.0) -> None:
+    """For a hub name from :func:`resolve_model_path` (not a local path, not offline): one
+    quick look-up without retries, so that a missing model or no connection fails at once
+    instead of after transformers' download retries. A model in the local cache passes
+    without a connection."""
+    if os.path.exists(name) or name in _HUB_SEEN or _offline_var() is not None:
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(name, timeout=timeout)
+    except GatedRepoError:      # exists; access is transformers' business
+        pass
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"mogu: model folder not found: {name}, and the Hugging Face hub has no model of "
+                                f"that name (or it is private: log in with `hf auth login`)") from None
+    except Exception as exc:
+        if not _in_hub_cache(name, gguf_file):
+            raise OSError(f"mogu: model folder not found: {name}; as a hub name it cannot be looked up "
+                          f"({type(exc).__name__}: {exc}); check the connection, or set HF_HUB_OFFLINE=1 to use "
+                          f"only the local cache") from exc
+    _HUB_SEEN.add(name)
+
+
 def load_for_inference(model_path, mogu_path=None, gguf_file: Optional[str] = None, dtype=None, device=None,
                        protocol: str = "exact"):
     """Load a local causal LM and its tokenizer for generation, with MoGU if ``mogu_path``.
 
-    model_path: a local Hugging Face model folder (or the folder of ``gguf_file``).
+    model_path: a local Hugging Face model folder, the folder of ``gguf_file`` (its only
+        ``.gguf`` file when ``gguf_file`` is None and it has no ``config.json``), a ``.gguf``
+        file, or a hub name; checked by :func:`resolve_model_path` before anything loads.
     mogu_path: a MoGU folder in this project's format or a published release root
         (``mogu.load`` detects which); None = the plain model.
     dtype: torch dtype or "float32"/"bfloat16"/"float16"/"auto"/None (fp32 on CPU, bf16 on CUDA).
@@ -587,6 +703,10 @@ def load_for_inference(model_path, mogu_path=None, gguf_file: Optional[str] = No
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     torch_dtype = _resolve_dtype(dtype, device)
+    model_path, gguf_file = resolve_model_path(model_path, gguf_file)
+    check_hub_model(model_path, gguf_file)
+    if mogu_path is not None and not os.path.exists(os.fspath(mogu_path)):      # before the model loads
+        raise FileNotFoundError(f"mogu: MoGU folder not found: {os.path.normpath(os.fspath(mogu_path))}")
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(model_path, **extra)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, **extra)
