@@ -5,6 +5,7 @@
     mogu.load_official(model, glad=..., unwill=..., router=...)   # the published release
     with mogu.mode(model, "base"): ...           # or "mogu" (default), "glad", "unwill"
     with mogu.capture_gates(model) as gates: ... # module name -> (..., 2) [unwill, glad]
+    ids = mogu.prompt_ids(tok, "instruction")    # chat prompt -> token ids (format_prompt + encode_prompt)
     mogu.generate(model, input_ids, max_new_tokens=64)   # published protocol, cached (= model.generate)
     mogu.train_expert(...), mogu.train_router(...)        # the two training stages (mogu.training)
     mogu.build_data(model, tok, benign=..., malicious=..., out=...)   # training data (mogu.data_building)
@@ -16,7 +17,7 @@ from .checkpoint import export_peft, from_pretrained, load, load_official, save_
 from .config import EXPERTS, FAMILY_TARGETS, MoGUConfig
 from .generation import PROTOCOLS, generate, install_generate, load_for_inference, uninstall_generate
 from .layer import MODES, MoGULinear, RouterHead
-from .prompting import format_chat, format_prompt
+from .prompting import encode_prompt, format_chat, format_prompt, prompt_ids
 from .training import train_expert, train_router
 from .data_building import build_data
 from .evaluation import evaluate
@@ -32,7 +33,7 @@ __all__ = [
     "capture_gates", "fold_routers", "set_router_offset", "router_offset",
     "load", "load_official", "save_pretrained", "from_pretrained", "export_peft",
     "generate", "PROTOCOLS", "install_generate", "uninstall_generate", "load_for_inference",
-    "format_prompt", "format_chat",
+    "format_prompt", "format_chat", "prompt_ids", "encode_prompt",
     "train_expert", "train_router", "build_data", "evaluate", "calibrate", "probe_layers", "select_layers",
     "load_templates", "apply_template",
 ]

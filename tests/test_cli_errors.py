@@ -402,3 +402,21 @@ def test_a_hub_name_is_looked_up_once_without_retries(tmp_path, monkeypatch, loa
     # A model the hub has is handed to transformers (here the replaced loader records it).
     assert main(["generate", "--model", "some-org/some-model", "--prompt", "hi"]) == 1
     assert [args[0] for _, args, _ in loads] == ["some-org/some-model"]
+
+
+def test_readme_commands_parse_and_write_outside_the_package():
+    """Every ``mogu ...`` line of the README parses, and none writes into the package folder."""
+    import re
+    import shlex
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
+        lines += [line for line in block.replace("\\\n", " ").splitlines() if line.startswith("mogu ")]
+    assert len(lines) >= 8
+    parser = build_parser()
+    seen = set()
+    for line in lines:
+        args = parser.parse_args(shlex.split(line)[1:])
+        seen.add(args.command)
+        assert not os.path.normpath(getattr(args, "out", "x")).startswith("mogu"), line
+    assert seen == set(COMMANDS), seen
