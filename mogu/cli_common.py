@@ -157,6 +157,14 @@ def check_out_files(out: str, owned: Sequence[str], overwrite: bool, resume: boo
     return out
 
 
+def check_positive(args, *names: str) -> None:
+    """Numeric options that must be > 0 (None = not given), checked before the model loads."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
 def check_mogu_folder(path: str, own_only: bool = False, flag: str = "--mogu") -> str:
     """A MoGU folder holds the own format (mogu_config.json + mogu_model.safetensors) or,
     unless ``own_only``, a published release root. Returns it cleaned."""

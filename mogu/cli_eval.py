@@ -15,7 +15,7 @@ import argparse
 import os
 
 from .cli_common import (EXPLAIN_M, add_batch_args, add_model_args, check_model, check_mogu_folder,
-                         check_out_files, load_inference_model)
+                         check_out_files, check_positive, load_inference_model)
 from .data_building import CACHE_FILE, FILES, REPORT_FILE
 
 
@@ -122,6 +122,7 @@ def run_build_data(args) -> int:
 
     if not (args.instructions or args.benign or args.malicious):
         raise ValueError("give --instructions, or --benign and --malicious")
+    check_positive(args, "max_new_tokens", "batch_size")
     # Every path given is checked before the model loads: a malformed file fails fast.
     benign = [r["instruction"] for f in args.benign or [] for r in read_prompt_file(f, label="benign")]
     malicious = [r["instruction"] for f in args.malicious or [] for r in read_prompt_file(f, label="malicious")]
@@ -156,6 +157,7 @@ def run_eval(args) -> int:
         raise ValueError("give --prompts, --benign, --malicious or --borderline")
     if args.judge_url and not args.judge_model:
         raise ValueError("--judge-url needs --judge-model")
+    check_positive(args, "max_new_tokens", "batch_size")
     # Every path given is checked before the model loads: malformed prompt files, templates,
     # phrases, a missing MoGU folder or an output conflict fail fast.
     phrases = _read_phrases(args.refusal_phrases) if args.refusal_phrases else None

@@ -12,7 +12,7 @@ import argparse
 import os
 
 from .calibration import DEFAULT_OFFSETS
-from .cli_common import EXPLAIN_M, check_model, check_mogu_folder, check_out, load_inference_model
+from .cli_common import EXPLAIN_M, check_model, check_mogu_folder, check_out, check_positive, load_inference_model
 from .cli_eval import _model_args      # the same model options as mogu eval
 
 
@@ -66,6 +66,11 @@ def run_calibrate(args) -> int:
     from .calibration import calibrate
     from .checkpoint import OWN_CONFIG
 
+    check_positive(args, "max_new_tokens", "batch_size")
+    if not 0.0 <= args.target <= 1.0:
+        raise ValueError(f"--target must be in [0, 1], got {args.target}")
+    if sorted(set(args.offsets)) != list(args.offsets):
+        raise ValueError(f"--offsets must be ascending and distinct, got {' '.join(map(str, args.offsets))}")
     for path in args.prompts:                           # every path given is checked before the model loads
         _rows([path])
     args.mogu = check_mogu_folder(args.mogu, own_only=True)
@@ -86,6 +91,7 @@ def run_calibrate(args) -> int:
 def run_probe(args) -> int:
     from .probing import probe_layers
 
+    check_positive(args, "batch_size", "top")
     train, heldout = _rows(args.train), _rows(args.heldout)      # checked before the model loads
     args.out = check_out(args.out)
     check_model(args, "probe")

@@ -11,7 +11,7 @@ import argparse
 import os
 
 from .cli_common import (EXPLAIN_M, GGUF_HELP, MODEL_HELP, check_adapter_folder, check_files, check_model,
-                         check_out, check_tokenizer, load_training_model)
+                         check_out, check_positive, check_tokenizer, load_training_model)
 from .training import COMMON_DEFAULTS, EXPERT_DEFAULTS, ROUTER_DEFAULTS
 
 _FORMATS = ("Data files: a JSON list (.json) or one JSON value per line (.jsonl) of objects with string "
@@ -152,9 +152,15 @@ def register(subparsers) -> None:
 
 
 def _check_common(args, command: str) -> None:
-    """Output folder, tokenizer and model path, checked before the model loads."""
+    """Options, output folder, tokenizer and model path, checked before the model loads."""
     from .training import _output_state
 
+    check_positive(args, "batch_size", "epochs", "max_steps", "max_length", "save_steps", "save_total_limit")
+    per_step = "pairs_per_step" if command == "train-expert" else "examples_per_step"
+    check_positive(args, per_step)
+    if getattr(args, per_step) % args.batch_size:
+        raise ValueError(f"--{per_step.replace('_', '-')} {getattr(args, per_step)} must be a multiple of "
+                         f"--batch-size {args.batch_size}")
     args.out = check_out(args.out)
     _output_state(args.out, args.overwrite, args.resume)      # FileExistsError / no checkpoint to resume
     args.tokenizer = check_tokenizer(args.tokenizer)
