@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import traceback
 from typing import Optional, Sequence
@@ -28,6 +29,7 @@ GGUF_HELP = ("GGUF file name inside --model (default: the folder's only .gguf fi
 EXPLAIN_M = "M stands for the base model (--model): a model folder, a folder with one .gguf file, or a hub name."
 
 # Exception types whose message says all; any other type is named in the line.
+_PREFIX = re.compile(r"^mogu(?:[ .][A-Za-z_][\w-]*)?: ")
 _EXPECTED = (ValueError, OSError, ImportError, KeyError)
 
 
@@ -40,13 +42,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def error_message(exc: BaseException) -> str:
-    """One line for ``exc``: its message with line breaks folded and a leading ``mogu: `` dropped
-    (the CLI line names the command already)."""
+    """One line for ``exc``: its message with line breaks folded and a leading ``mogu: ``,
+    ``mogu.func: `` or ``mogu CMD: `` dropped (the CLI line names the command already)."""
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     if isinstance(exc, KeyError) and len(exc.args) == 1:
         text = f"missing key {exc.args[0]!r}"
-    while text.startswith("mogu: "):
-        text = text[len("mogu: "):]
+    while True:                 # "mogu: ", "mogu.calibrate: ", "mogu export-vllm: " ...: the line names it
+        prefix = _PREFIX.match(text)
+        if not prefix:
+            break
+        text = text[prefix.end():]
     if not isinstance(exc, _EXPECTED):
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
         text += f" (--debug or {DEBUG_ENV}=1 shows the traceback)"

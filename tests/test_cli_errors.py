@@ -369,7 +369,11 @@ def test_one_error_helper_shared_by_every_command_module():
     for name in COMMAND_MODULES:
         module = importlib.import_module(name)
         assert not hasattr(module, "_fail"), name
-        assert "print(f\"mogu " not in open(module.__file__, encoding="utf-8").read(), name
+        assert ": error:" not in open(module.__file__, encoding="utf-8").read(), name     # cli_common writes it
+    for exc, line in ((FileNotFoundError("mogu: MoGU folder not found: x"), "MoGU folder not found: x"),
+                      (ValueError("mogu.calibrate: bad"), "bad"), (ValueError("mogu export-vllm: bad"), "bad"),
+                      (ValueError("mogul: kept"), "mogul: kept")):
+        assert cli_common.error_message(exc) == line
 
 
 def _not_offline(monkeypatch):
