@@ -122,7 +122,7 @@ setup(
     extras_require={
         # accelerate: the training tests; matplotlib: the plot-writing paths of eval and benchmarks;
         # ruff: tests/test_lint.py.
-        "test": ["pytest>=8", "ninja", "accelerate>=0.30", "matplotlib", "ruff"],
+        "test": ["pytest>=8", "ninja", "accelerate>=0.30", "matplotlib", "ruff", "hypothesis"],
         "bench": ["matplotlib"],
         "train": ["accelerate>=0.30"],
         "gguf": ["gguf>=0.10"],

@@ -102,7 +102,7 @@ def write_mogu_offset(mogu_dir, offset: float) -> str:
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise ValueError(f"mogu calibrate: {path} has no 'config' object")
     config = MoGUConfig.from_dict({**meta["config"], "router_offset": offset})      # validates
-    meta["config"] = config.to_dict()
+    meta["config"] = {**meta["config"], "router_offset": config.router_offset}   # the rest byte for byte
     atomic_write_text(path, json.dumps(meta, indent=2) + "\n")
     return path
 

@@ -78,11 +78,11 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def _read_json(path: str) -> dict:
-    """A JSON object from ``path``; CheckpointError naming the file for anything else."""
+def _read_json(path: str, sha256: Optional[str] = None) -> dict:
+    """A JSON object from ``path`` (checked against ``sha256`` when given); CheckpointError
+    naming the file for anything else."""
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
+        value = json.loads(_read_bytes(path, sha256).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"mogu: {path} is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
@@ -232,7 +232,8 @@ def _read_adapter(folder, expert: str, tensors: bool = True
     _raise_missing(_adapter_missing(folder, expert))
     folder = os.fspath(folder)
     config_path = os.path.join(folder, ADAPTER_CONFIG)
-    adapter_config = _read_json(config_path)
+    sums = _recorded_checksums(folder)
+    adapter_config = _read_json(config_path, sums.get(ADAPTER_CONFIG))
     for key in ("r", "lora_alpha"):
         if key not in adapter_config:
             raise CheckpointError(f"mogu: {config_path} lacks {key!r}")
@@ -248,7 +249,7 @@ def _read_adapter(folder, expert: str, tensors: bool = True
     path = st if os.path.exists(st) else binary
     if not tensors:
         return adapter_config, None, path
-    sha = _recorded_checksums(folder).get(os.path.basename(path))
+    sha = sums.get(os.path.basename(path))
     weights = _load_safetensors(path, sha) if path == st else _torch_load(path, sha)
     _check_values(weights, path)
     return adapter_config, weights, path
@@ -503,6 +504,31 @@ def atomic_write_json(path, value, indent: Optional[int] = 1, **kwargs) -> None:
     atomic_write_text(path, json.dumps(value, indent=indent, ensure_ascii=False, **kwargs) + "\n")
 
 
+# Settings of mogu_config.json meant to be changed by hand (or by mogu.calibrate) after
+# saving; the recorded settings digest leaves them out.
+EDITABLE_SETTINGS = ("router_offset", "mogu_tokens")
+
+
+def _settings_digest(meta: dict) -> str:
+    """sha256 of mogu_config.json's content other than its sha256 field and the editable
+    settings (canonical JSON, so whitespace and key order do not count)."""
+    core = {k: v for k, v in meta.items() if k != "sha256"}
+    if isinstance(core.get("config"), dict):
+        core["config"] = {k: v for k, v in core["config"].items() if k not in EDITABLE_SETTINGS}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_settings_digest(meta: dict, config_path: str) -> Dict[str, str]:
+    """The recorded {file name: sha256} of mogu_config.json, its settings digest checked."""
+    sums = meta.get("sha256", {})
+    if not isinstance(sums, dict) or not all(isinstance(sums.get(k, ""), str) for k in (OWN_WEIGHTS, OWN_CONFIG)):
+        raise CheckpointError(f"mogu: {config_path}: 'sha256' must map file names to hex digests")
+    if OWN_CONFIG in sums and sums[OWN_CONFIG] != _settings_digest(meta):
+        raise CheckpointError(f"mogu: {config_path}: the settings do not match their recorded sha256 (the file is "
+                              f"corrupted, or was edited beyond {' / '.join(EDITABLE_SETTINGS)})")
+    return sums
+
+
 def save_pretrained(model: nn.Module, directory, folded: bool = False) -> None:
     """Save the MoGU parameters of a patched model to ``directory``.
 
@@ -537,7 +563,7 @@ def save_pretrained(model: nn.Module, directory, folded: bool = False) -> None:
             "modules": list(layers), "config": config.to_dict()}
     weights = os.path.join(directory, OWN_WEIGHTS)
     atomic_write(weights, lambda p: save_file(tensors, p, metadata={"format": FORMAT_NAME}))
-    meta["sha256"] = {OWN_WEIGHTS: sha256_file(weights)}
+    meta["sha256"] = {OWN_WEIGHTS: sha256_file(weights), OWN_CONFIG: _settings_digest(meta)}
     atomic_write_text(os.path.join(directory, OWN_CONFIG), json.dumps(meta, indent=2) + "\n")
 
 
@@ -546,7 +572,8 @@ def from_pretrained(model: nn.Module, directory) -> nn.Module:
 
     Patches the model if needed (with the saved config); same errors and the same
     all-or-nothing guarantee as ``load_official``. When ``mogu_config.json`` records the
-    weights' sha256 (every folder written since it was added), a mismatch is an error.
+    sha256 of the weights and of its own settings (every folder written since checksums were
+    added), a mismatch is an error; ``router_offset`` and ``mogu_tokens`` may be edited.
     """
     directory = _require_path(directory, "MoGU folder")
     _refuse_unfinished(directory)
@@ -557,6 +584,7 @@ def from_pretrained(model: nn.Module, directory) -> nn.Module:
     if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"mogu: {config_path}: format {meta.get('format')!r} version {meta.get('version')!r} "
                               f"is not {FORMAT_NAME!r} version {FORMAT_VERSION}")
+    sums = _check_settings_digest(meta, config_path)
     if not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"mogu: {config_path}: 'config' must be a JSON object (the MoGUConfig)")
     try:
@@ -569,9 +597,6 @@ def from_pretrained(model: nn.Module, directory) -> nn.Module:
     folded = meta.get("folded", False)
     if not isinstance(folded, bool):
         raise CheckpointError(f"mogu: {config_path}: 'folded' must be true or false, got {folded!r}")
-    sums = meta.get("sha256", {})
-    if not isinstance(sums, dict) or not isinstance(sums.get(OWN_WEIGHTS, ""), str):
-        raise CheckpointError(f"mogu: {config_path}: 'sha256' must map {OWN_WEIGHTS!r} to a hex digest")
     if is_patched(model):
         modules = OrderedDict(patched_modules(model))
     else:
@@ -646,7 +671,7 @@ def export_peft(model: nn.Module, directory, expert: str) -> None:
     atomic_write(os.path.join(directory, "adapter_model.safetensors"),
                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write_text(os.path.join(directory, ADAPTER_CONFIG), peft_config_json(lora_config))
-    write_checksums(directory, ["adapter_model.safetensors"])
+    write_checksums(directory, ["adapter_model.safetensors", ADAPTER_CONFIG])
 
 
 def peft_config_json(peft_config) -> str:

@@ -848,7 +848,7 @@ def train_expert(model: nn.Module, tokenizer, expert: str, affirm, reject, out, 
 
             def save_final(m, d):
                 m.save_pretrained(d)
-                write_checksums(d, ["adapter_model.safetensors"])
+                write_checksums(d, ["adapter_model.safetensors", "adapter_config.json"])
 
             stage = _Stage(
                 name="expert", model=peft_model,
