@@ -143,6 +143,9 @@ def _recorded_checksums(folder: str) -> Dict[str, str]:
     sums = _read_json(path).get("sha256")
     if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
         raise CheckpointError(f"mogu: {path}: 'sha256' must map file names to hex digests")
+    for name in sums:
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise CheckpointError(f"mogu: {path} records a sha256 for {name!r}, which is not in {folder}")
     return sums
 
 
@@ -521,8 +524,10 @@ def _settings_digest(meta: dict) -> str:
 def _check_settings_digest(meta: dict, config_path: str) -> Dict[str, str]:
     """The recorded {file name: sha256} of mogu_config.json, its settings digest checked."""
     sums = meta.get("sha256", {})
-    if not isinstance(sums, dict) or not all(isinstance(sums.get(k, ""), str) for k in (OWN_WEIGHTS, OWN_CONFIG)):
-        raise CheckpointError(f"mogu: {config_path}: 'sha256' must map file names to hex digests")
+    if (not isinstance(sums, dict) or not set(sums) <= {OWN_WEIGHTS, OWN_CONFIG}
+            or not all(isinstance(v, str) for v in sums.values())):
+        raise CheckpointError(f"mogu: {config_path}: 'sha256' must map {OWN_WEIGHTS!r} and {OWN_CONFIG!r} to hex "
+                              f"digests, got {sums!r}")
     if OWN_CONFIG in sums and sums[OWN_CONFIG] != _settings_digest(meta):
         raise CheckpointError(f"mogu: {config_path}: the settings do not match their recorded sha256 (the file is "
                               f"corrupted, or was edited beyond {' / '.join(EDITABLE_SETTINGS)})")
