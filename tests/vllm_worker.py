@@ -1,0 +1,40 @@
+"""Test helper run as a subprocess by tests/test_vllm.py: serve a folder with ``vllm.LLM``
+and write the greedy tokens as JSON.
+
+    python tests/vllm_worker.py REQUEST.json RESULT.json
+
+REQUEST: {"model": DIR, "prompts": [[ids], ...], "max_tokens": n, "dtype": "float32",
+"tensor_parallel_size": 1, "max_model_len": 256}. RESULT: {"tokens": [[ids], ...],
+"architecture": the class vLLM ran}. vLLM starts its engine processes with spawn, hence
+the ``__main__`` guard; one process per engine keeps engines (and their thread binding)
+apart.
+"""
+import json
+import sys
+import time
+
+
+def main(request_path: str, result_path: str) -> None:
+    with open(request_path) as f:
+        req = json.load(f)
+    from vllm import LLM, SamplingParams
+
+    start = time.time()
+    llm = LLM(model=req["model"], dtype=req.get("dtype", "float32"), enforce_eager=True,
+              max_model_len=req.get("max_model_len", 256),
+              gpu_memory_utilization=req.get("gpu_memory_utilization", 0.2),
+              tensor_parallel_size=req.get("tensor_parallel_size", 1), seed=0)
+    loaded = time.time()
+    params = SamplingParams(temperature=0.0, max_tokens=req["max_tokens"], ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in req["prompts"]], params, use_tqdm=False)
+    done = time.time()
+    config = llm.llm_engine.model_config
+    result = {"tokens": [list(o.outputs[0].token_ids) for o in outputs],
+              "architecture": list(getattr(config, "architectures", None) or config.hf_config.architectures),
+              "load_s": loaded - start, "generate_s": done - loaded}
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
