@@ -113,7 +113,9 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
-        "transformers>=5.0",
+        # The lowest and highest tested transformers minor releases (mogu/hf_compat.py:
+        # TESTED_TRANSFORMERS; CI runs the generation and training tests on both ends).
+        "transformers>=5.17,<5.25",
         "peft>=0.13",
         "safetensors>=0.4",
         "tqdm",

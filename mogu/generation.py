@@ -31,7 +31,9 @@ special tokens, attention masks and position ids for left padding, logits proces
 (temperature, top-k, top-p, repetition penalty, ...), stopping criteria (max length, eos,
 stop strings, custom) and streamers behave as in ``model.generate``. Finished rows are
 padded with ``pad_token_id`` like HF does. Beam search and assisted decoding are not
-supported (ValueError).
+supported (ValueError). The loop needs some transformers internals (the model-kwargs
+update, the cache layers, the output dataclass); every one of them is a named function of
+:mod:`mogu.hf_compat`, behind its version gate, and nothing here touches them directly.
 
 After :func:`install_generate` (done by ``mogu.patch_model``), ``model.generate(...)``
 follows the protocol too while the layers are in mode "mogu"; in any other mode
@@ -48,11 +50,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from . import hf_compat as hf
 from .layer import MoGULinear
 from .patching import get_mode, is_patched, patched_modules
 
 PROTOCOLS = ("exact", "cached", "always")
-_CACHE_KEYS = ("cache", "past_key_values")          # transformers 5.x name first, then the older one
 
 
 # ------------------------------------------------------------------ helpers
@@ -84,30 +86,6 @@ def _check_inputs(model: nn.Module, input_ids, attention_mask, mogu_tokens, prot
         if empty:
             raise ValueError(f"mogu.generate: empty prompt in row(s) {empty} (attention_mask is all zeros)")
     return int(mogu_tokens)
-
-
-def _map_batch(model_kwargs: Dict, batch: int, fn) -> Dict:
-    """Apply ``fn(tensor, dim)`` to every per-row tensor of the HF model kwargs.
-
-    Per-row tensors are those with the batch size ``batch`` on their batch dim: dim 0, or
-    dim 1 for 3-D position ids (multimodal rope). Same rule as HF's
-    ``_expand_inputs_for_generation``, which repeats every tensor of the kwargs.
-    """
-    out = dict(model_kwargs)
-    for key, value in model_kwargs.items():
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            continue
-        dim = 1 if key.endswith("position_ids") and value.dim() == 3 else 0
-        if value.shape[dim] == batch:
-            out[key] = fn(value, dim)
-    return out
-
-
-def _find_cache(model_kwargs: Dict):
-    for key in _CACHE_KEYS:
-        if model_kwargs.get(key) is not None:
-            return model_kwargs[key]
-    return None
 
 
 class _LayerState:
@@ -231,7 +209,7 @@ class _MoGUDecoding:
             raise ValueError("mogu.generate: synced_gpus is not supported")
 
         batch = input_ids.shape[0]
-        cache = _find_cache(model_kwargs)
+        cache = hf.find_cache(model_kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("mogu.generate: continuing from a filled cache is not supported; pass the whole "
                              "prompt without past key values")
@@ -239,8 +217,7 @@ class _MoGUDecoding:
         m = self.mogu_tokens if max_new is None else min(self.mogu_tokens, max(max_new, 0))
         doubled = self.protocol == "exact" and m > 0
         if doubled and cache is not None:
-            from transformers import DynamicCache
-            if not isinstance(cache, DynamicCache):
+            if not hf.is_dynamic_cache(cache):
                 raise ValueError(f"mogu.generate: the exact protocol needs a DynamicCache (it drops batch rows "
                                  f"after the MoGU tokens), got {type(cache).__name__}; do not set "
                                  f"cache_implementation, or use protocol='cached'")
@@ -266,7 +243,7 @@ class _MoGUDecoding:
         recorder.doubled = True
         hook = _BaseRowsHook(2 * batch)
         state.hooks = [layer.register_forward_pre_hook(hook) for layer in state.layers]
-        return _map_batch(model_kwargs, batch, lambda t, d: t.repeat_interleave(2, dim=d))
+        return hf.map_batch_kwargs(model_kwargs, batch, lambda t, d: t.repeat_interleave(2, dim=d))
 
     def _prefill(self, model, input_ids, model_kwargs, doubled, state, recorder):
         """Run the prompt. Returns (logits, model_kwargs, pending).
@@ -283,49 +260,33 @@ class _MoGUDecoding:
         that of one plain prefill.
         """
         batch = input_ids.shape[0]
-        cache = _find_cache(model_kwargs)
-        split = False
-        if doubled and cache is not None:
-            from transformers.cache_utils import DynamicLayer
-            split = all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+        cache = hf.find_cache(model_kwargs)
+        split = doubled and cache is not None and hf.has_only_dynamic_layers(cache)
         if not split:
             if doubled:
                 model_kwargs = self._double(model_kwargs, batch, state, recorder)
                 input_ids = input_ids.repeat_interleave(2, dim=0)
-            inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
-            outputs = model(**inputs, return_dict=True)
-            model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+            outputs = model(**hf.prefill_inputs(model, input_ids, model_kwargs), return_dict=True)
+            model_kwargs = hf.update_model_kwargs(model, outputs, model_kwargs)
             logits = outputs.logits[:, -1, :]
             return (logits[0::2] if doubled else logits), model_kwargs, None
 
         prompt_kwargs = dict(model_kwargs)
-        inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
-        mogu_out = model(**inputs, return_dict=True)                       # MoGU rows -> ``cache``
+        mogu_out = model(**hf.prefill_inputs(model, input_ids, model_kwargs), return_dict=True)   # MoGU rows
         logits = mogu_out.logits[:, -1, :]
-        model_kwargs = model._update_model_kwargs_for_generation(mogu_out, model_kwargs, is_encoder_decoder=False)
-        for key in _CACHE_KEYS:                       # keep the caller's cache object
-            if key in model_kwargs:
-                model_kwargs[key] = cache
+        model_kwargs = hf.keep_cache_object(hf.update_model_kwargs(model, mogu_out, model_kwargs), cache)
 
         def pending(current_kwargs: Dict, merge: bool) -> Dict:
-            from transformers import DynamicCache
-            base_cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+            base_cache = hf.new_dynamic_cache(model)
             base_kwargs = {k: (base_cache if v is cache else v) for k, v in prompt_kwargs.items()}
             previous_modes = [layer.mode for layer in state.layers]
             state.set_mode("base")
-            inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **base_kwargs)
-            model(**inputs, return_dict=True)                              # base rows -> ``base_cache``
+            model(**hf.prefill_inputs(model, input_ids, base_kwargs), return_dict=True)   # base rows -> base_cache
             for layer, mode in zip(state.layers, previous_modes):
                 layer.mode = mode
-            if len(cache.layers) != len(base_cache.layers):
-                raise RuntimeError("mogu.generate: MoGU and base prefill produced caches of different depth")
-            for mogu_layer, base_layer in zip(cache.layers, base_cache.layers):
-                if merge:    # interleave [row0 MoGU, row0 base, row1 MoGU, ...], layer by layer
-                    mogu_layer.keys = torch.stack([mogu_layer.keys, base_layer.keys], dim=1).flatten(0, 1)
-                    mogu_layer.values = torch.stack([mogu_layer.values, base_layer.values], dim=1).flatten(0, 1)
-                else:        # the MoGU rows are done: the base rows' cache is the cache
-                    mogu_layer.keys, mogu_layer.values = base_layer.keys, base_layer.values
-                base_layer.keys = base_layer.values = None
+            # merge: interleave [row0 MoGU, row0 base, row1 MoGU, ...]; else the MoGU rows
+            # are done and the base rows' cache is the cache.
+            hf.merge_prefill_caches(cache, base_cache, interleave=merge)
             return self._double(current_kwargs, batch, state, recorder) if merge else current_kwargs
 
         return logits, model_kwargs, pending
@@ -333,15 +294,11 @@ class _MoGUDecoding:
     def _loop(self, model, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
               model_kwargs, m, doubled, state, recorder):
         batch = input_ids.shape[0]
-        pad = generation_config._pad_token_tensor
-        pad = pad.to(input_ids.device) if pad is not None else None
+        pad = hf.pad_token_tensor(generation_config, input_ids.device)
         has_eos_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
         want_dict = generation_config.return_dict_in_generate
         scores = () if want_dict and generation_config.output_scores else None
         raw_logits = () if want_dict and generation_config.output_logits else None
-        decode_kwargs = {}
-        if "next_sequence_length" in inspect.signature(model.prepare_inputs_for_generation).parameters:
-            decode_kwargs["next_sequence_length"] = 1 if model_kwargs.get("use_cache", True) else None
 
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -393,11 +350,11 @@ class _MoGUDecoding:
                 if doubled:
                     # Keep the base rows: their cache is the base model's own view of the prefix.
                     keep = torch.arange(1, 2 * batch, 2, device=input_ids.device)
-                    cache = _find_cache(model_kwargs)
+                    cache = hf.find_cache(model_kwargs)
                     if cache is not None:
-                        cache.batch_select_indices(keep)
-                    model_kwargs = _map_batch(model_kwargs, 2 * batch,
-                                              lambda t, d: t.index_select(d, keep.to(t.device)))
+                        hf.select_cache_rows(cache, keep)
+                    model_kwargs = hf.map_batch_kwargs(model_kwargs, 2 * batch,
+                                                       lambda t, d: t.index_select(d, keep.to(t.device)))
                     for handle in state.hooks:
                         handle.remove()
                     state.hooks = []
@@ -407,9 +364,8 @@ class _MoGUDecoding:
                     recorder.doubled = False
                     run_ids = sequences
                 state.set_mode("base")
-            model_inputs = model.prepare_inputs_for_generation(run_ids, **decode_kwargs, **model_kwargs)
-            outputs = model(**model_inputs, return_dict=True)
-            model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+            outputs = model(**hf.decode_inputs(model, run_ids, model_kwargs), return_dict=True)
+            model_kwargs = hf.update_model_kwargs(model, outputs, model_kwargs)
             logits = outputs.logits[:, -1, :]
             if doubled:
                 logits = logits[0::2]                                  # the MoGU rows choose
@@ -419,14 +375,7 @@ class _MoGUDecoding:
             streamer.end()
         if not want_dict:
             return sequences, sequences
-        from transformers.generation.utils import GenerateDecoderOnlyOutput
-        fields = {"sequences": sequences, "scores": scores, "logits": raw_logits}
-        cache = _find_cache(model_kwargs)
-        for key in _CACHE_KEYS:
-            if key in GenerateDecoderOnlyOutput.__dataclass_fields__:
-                fields[key] = cache
-                break
-        return sequences, GenerateDecoderOnlyOutput(**fields)
+        return sequences, hf.decoder_only_output(sequences, scores, raw_logits, hf.find_cache(model_kwargs))
 
 
 # ------------------------------------------------------------------ public
@@ -497,7 +446,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor = None, attention_mask: O
     if max_new_tokens is not None:
         generation_kwargs["max_new_tokens"] = max_new_tokens
     # The class's generate (not an instance override installed by install_generate).
-    result = type(model).generate(model, input_ids, custom_generate=decoding, **generation_kwargs)
+    result = hf.generate_with_loop(model, input_ids, decoding, **generation_kwargs)
     if return_gates:
         return result, decoding.gates
     return result

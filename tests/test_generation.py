@@ -16,7 +16,7 @@ from transformers import GenerationMixin
 from transformers.generation.streamers import BaseStreamer
 
 import mogu
-from mogu import generation
+from mogu import generation, hf_compat
 from mogu.prompting import encode_prompt, format_chat, format_prompt
 from tiny_models import VOCAB, published_reference_hooks, random_release, rel_err, tiny_llama, write_published
 
@@ -113,7 +113,8 @@ def test_exact_without_cache_or_with_a_bare_cache(fam):
         kw = dict(max_new_tokens=8, mogu_tokens=4, **greedy(eos_token_id=None))
         cached = mogu.generate(fam.model, ids, **kw)
         assert mogu.generate(fam.model, ids, use_cache=False, **kw).tolist() == cached.tolist()
-        assert mogu.generate(fam.model, ids, cache=DynamicCache(), **kw).tolist() == cached.tolist()
+        user_cache = {hf_compat.cache_kwarg(): DynamicCache()}     # 'cache' or 'past_key_values' by release
+        assert mogu.generate(fam.model, ids, **user_cache, **kw).tolist() == cached.tolist()
         assert cached.tolist() == published_procedure(fam, ids, 4, 8).tolist()
 
 
@@ -148,7 +149,8 @@ def test_cached_and_always_match_hand_mode_switches(fam):
             always_hand = GenerationMixin.generate(model, ids, max_new_tokens=max_new, **kw)
             first = GenerationMixin.generate(model, ids, max_new_tokens=m, return_dict_in_generate=True, **kw)
         with mogu.mode(model, "base"):
-            cached_hand = GenerationMixin.generate(model, first.sequences, cache=first.cache,
+            cached_hand = GenerationMixin.generate(model, first.sequences,
+                                                   **{hf_compat.cache_kwarg(): hf_compat.output_cache(first)},
                                                    max_new_tokens=max_new - m, **kw)
         always = mogu.generate(model, ids, max_new_tokens=max_new, mogu_tokens=m, protocol="always", **kw)
         cached = mogu.generate(model, ids, max_new_tokens=max_new, mogu_tokens=m, protocol="cached", **kw)
@@ -293,7 +295,8 @@ def test_return_dict_scores_and_stopping_criteria(fam):
     assert out.sequences.tolist() == plain.tolist()
     assert len(out.scores) == 6 and out.scores[0].shape == (1, VOCAB)
     assert [int(s.argmax()) for s in out.scores] == plain[0, 5:].tolist()
-    assert out.cache.get_seq_length() == 5 + 6 - 1 and out.cache.layers[0].keys.shape[0] == 1   # base rows only
+    cache = hf_compat.output_cache(out)
+    assert cache.get_seq_length() == 5 + 6 - 1 and cache.layers[0].keys.shape[0] == 1   # base rows only
 
     class StopAfter(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):

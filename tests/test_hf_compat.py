@@ -1,0 +1,128 @@
+"""mogu.hf_compat: the version gate and the helpers over transformers / peft internals.
+
+These run on whichever transformers is installed; CI runs them (with the generation and
+training tests) on both ends of the tested range, see .ci/run.
+"""
+import os
+import re
+import warnings
+
+import pytest
+import torch
+
+from mogu import hf_compat
+from tiny_models import tiny_llama
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+LOW, HIGH = hf_compat.TESTED_TRANSFORMERS
+
+
+def test_version_gate_errors_below_and_warns_above_the_tested_range(monkeypatch):
+    monkeypatch.delenv(hf_compat.ALLOW_UNTESTED_ENV, raising=False)
+    with pytest.raises(hf_compat.TransformersVersionError, match=rf"older than the lowest tested release {LOW}"):
+        hf_compat.check_transformers("5.16.2")
+    with pytest.raises(hf_compat.TransformersVersionError, match="hf_compat"):
+        hf_compat.check_transformers("4.57.6")
+    with pytest.warns(hf_compat.UntestedTransformersWarning, match=rf"newer than the highest tested release {HIGH}"):
+        hf_compat.check_transformers("5.25.0")
+    with pytest.warns(hf_compat.UntestedTransformersWarning):
+        hf_compat.check_transformers("6.0.0.dev0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # both ends of the range, any patch release: silent
+        for version in (f"{LOW}.0", f"{LOW}.3", f"{HIGH}.0", f"{HIGH}.9"):
+            assert hf_compat.check_transformers(version) == version
+    monkeypatch.setenv(hf_compat.ALLOW_UNTESTED_ENV, "1")
+    with pytest.warns(hf_compat.UntestedTransformersWarning, match="older"):
+        hf_compat.check_transformers("5.16.2")
+
+
+def test_installed_transformers_is_tested_and_setup_py_states_the_same_range():
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf_compat.check_transformers(transformers.__version__)
+    setup = open(os.path.join(ROOT, "setup.py"), encoding="utf-8").read()
+    pins = re.findall(r'"transformers>=([\d.]+),<([\d.]+)"', setup)
+    major, minor = (int(p) for p in HIGH.split("."))
+    assert pins == [(LOW, f"{major}.{minor + 1}")], pins
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    assert f"transformers=={LOW}." in ci          # CI also runs the lowest tested release
+
+
+def test_cache_kwarg_is_the_name_this_release_uses():
+    """The cache keyword the helper reports is the one the model's forward takes (and the
+    output dataclass field), so passing a cache under it is not an unused-kwarg error."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    key = hf_compat.cache_kwarg()
+    assert key in hf_compat.CACHE_KEYS
+    assert key in inspect.signature(LlamaForCausalLM.forward).parameters
+    other = [k for k in hf_compat.CACHE_KEYS if k != key]
+    assert not any(k in inspect.signature(LlamaForCausalLM.forward).parameters for k in other)
+
+
+def _filled_cache(rows, seed):
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(seed)
+    cache = DynamicCache()
+    for layer in range(2):
+        k, v = torch.randn(rows, 2, 3, 4, generator=g), torch.randn(rows, 2, 3, 4, generator=g)
+        cache.update(k, v, layer)
+    return cache
+
+
+def test_merge_and_select_cache_rows():
+    mogu_cache, base_cache = _filled_cache(3, 0), _filled_cache(3, 1)
+    assert hf_compat.is_dynamic_cache(mogu_cache) and hf_compat.has_only_dynamic_layers(mogu_cache)
+    want = [(m.keys.clone(), b.keys.clone(), m.values.clone(), b.values.clone())
+            for m, b in zip(mogu_cache.layers, base_cache.layers)]
+    hf_compat.merge_prefill_caches(mogu_cache, base_cache, interleave=True)
+    for layer, (mk, bk, mv, bv) in zip(mogu_cache.layers, want):
+        assert layer.keys.shape[0] == 6
+        assert torch.equal(layer.keys[0::2], mk) and torch.equal(layer.keys[1::2], bk)     # [m0, b0, m1, b1, ...]
+        assert torch.equal(layer.values[0::2], mv) and torch.equal(layer.values[1::2], bv)
+    hf_compat.select_cache_rows(mogu_cache, torch.tensor([1, 3, 5]))                         # the base rows
+    for layer, (_, bk, _, bv) in zip(mogu_cache.layers, want):
+        assert torch.equal(layer.keys, bk) and torch.equal(layer.values, bv)
+
+    mogu_cache, base_cache = _filled_cache(2, 2), _filled_cache(2, 3)
+    base_keys = [layer.keys.clone() for layer in base_cache.layers]
+    hf_compat.merge_prefill_caches(mogu_cache, base_cache, interleave=False)
+    assert all(torch.equal(layer.keys, k) for layer, k in zip(mogu_cache.layers, base_keys))
+    assert all(layer.keys is None for layer in base_cache.layers)
+
+
+def test_map_batch_kwargs_maps_per_row_tensors_only():
+    kwargs = {"attention_mask": torch.ones(2, 5), "position_ids": torch.zeros(3, 2, 5), "use_cache": True,
+              "other": torch.ones(4), "scalar": torch.tensor(1.0)}
+    out = hf_compat.map_batch_kwargs(kwargs, 2, lambda t, d: t.repeat_interleave(2, dim=d))
+    assert out["attention_mask"].shape == (4, 5) and out["position_ids"].shape == (3, 4, 5)
+    assert out["other"] is kwargs["other"] and out["scalar"] is kwargs["scalar"] and out["use_cache"] is True
+
+
+def test_checkpointing_on_and_off_leaves_no_input_grad_hook():
+    model = tiny_llama()
+    assert not hf_compat.checkpointing_enabled(model)
+    hf_compat.set_checkpointing(model, True)
+    assert hf_compat.checkpointing_enabled(model)
+    hf_compat.set_checkpointing(model, False)
+    assert not hf_compat.checkpointing_enabled(model)
+    assert not hasattr(model, "_require_grads_hook")         # HF leaves it on non-peft models
+
+
+def test_peft_model_round_trip_leaves_the_plain_model():
+    from peft import LoraConfig
+
+    model = tiny_llama()
+    before = {name: type(m) for name, m in model.named_modules()}
+    assert not hf_compat.has_peft_adapter(model)
+    peft_model = hf_compat.make_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"],
+                                                             task_type="CAUSAL_LM"))
+    assert hf_compat.has_peft_adapter(peft_model) and hf_compat.has_peft_adapter(model)
+    assert hf_compat.unload_peft(peft_model, model) is model
+    assert not hf_compat.has_peft_adapter(model)
+    assert {name: type(m) for name, m in model.named_modules()} == before
