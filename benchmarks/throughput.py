@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                  # CPU, fp32, ~1-2 minutes on 2 cores
     python benchmarks/throughput.py --device cuda    # bf16, d=4096, do_bench (see cuda_layer_bench.py)
     python benchmarks/throughput.py --generation     # add the model-level rows
+    python benchmarks/throughput.py --shapes 3x64x48 --repeats 1   # chosen shapes (the README test's run)
 
 Every number is a median over interleaved repetitions in this one process, reported as a
 ratio to the base ``F.linear`` of the same shape (ratios, not lone absolute times, are
@@ -30,6 +31,17 @@ from layer_impls import layer_impls, make_layer_weights  # noqa: E402
 CPU_SHAPES = [  # (M, K, N): decode rows, then prefill
     (1, 4096, 4096), (16, 4096, 4096), (1, 2048, 2048), (16, 2048, 2048), (128, 2048, 2048), (512, 2048, 2048),
 ]
+
+
+def parse_shapes(text: str) -> List[tuple]:
+    """"MxKxN,MxKxN,..." -> [(M, K, N), ...], each a positive integer (argparse type)."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"expected MxKxN with positive integers, got {item!r}")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
 
 
 def machine_name(device: str) -> str:
@@ -120,6 +132,8 @@ def main(argv=None) -> int:
     p.add_argument("--r", type=int, default=8, help="LoRA rank for the CPU rows (default 8)")
     p.add_argument("--repeats", type=int, default=15, help="interleaved repetitions per shape (default 15)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (smoke test)")
+    p.add_argument("--shapes", type=parse_shapes, default=None, metavar="MxKxN[,MxKxN...]",
+                   help="the CPU layer shapes instead of the built-in decode/prefill list (e.g. 1x64x48)")
     p.add_argument("--generation", action="store_true", help="add model-level generation rows")
     p.add_argument("--model", default=None, help="local model folder for the generation rows")
     p.add_argument("--json", default="bench_results/throughput.json", help="where to write the results")
@@ -139,7 +153,7 @@ def main(argv=None) -> int:
         for r in rows:
             r.setdefault("kind", "layer")
     else:
-        shapes = CPU_SHAPES[:3] if args.quick else CPU_SHAPES
+        shapes = args.shapes or (CPU_SHAPES[:3] if args.quick else CPU_SHAPES)
         rows = cpu_layer_rows(shapes, args.r, 3 if args.quick else args.repeats, backends)
     print_table(rows, f"layer time and ratio to base F.linear ({'bf16' if args.device == 'cuda' else 'fp32'})")
 
