@@ -13,7 +13,7 @@
     mogu.calibrate(model, tok, ["val.jsonl"], out=..., mogu_dir=...)   # the usability/safety dial
     mogu.probe_layers(model, tok, train, heldout)          # MoGU v2 layer selection (mogu.probing)
 """
-from .checkpoint import export_peft, from_pretrained, load, load_official, save_pretrained
+from .checkpoint import CheckpointError, export_peft, from_pretrained, load, load_official, save_pretrained
 from .config import EXPERTS, FAMILY_TARGETS, MoGUConfig
 from .generation import PROTOCOLS, generate, install_generate, load_for_inference, uninstall_generate
 from .layer import MODES, MoGULinear, RouterHead
@@ -31,7 +31,7 @@ __all__ = [
     "MoGUConfig", "MoGULinear", "RouterHead", "EXPERTS", "FAMILY_TARGETS", "MODES",
     "patch_model", "unpatch", "is_patched", "patched_modules", "set_mode", "get_mode", "mode",
     "capture_gates", "fold_routers", "set_router_offset", "router_offset",
-    "load", "load_official", "save_pretrained", "from_pretrained", "export_peft",
+    "load", "load_official", "save_pretrained", "from_pretrained", "export_peft", "CheckpointError",
     "generate", "PROTOCOLS", "install_generate", "uninstall_generate", "load_for_inference",
     "format_prompt", "format_chat", "prompt_ids", "encode_prompt",
     "train_expert", "train_router", "build_data", "evaluate", "calibrate", "probe_layers", "select_layers",
