@@ -99,9 +99,10 @@ def _read_bytes(path: str, sha256: Optional[str]) -> bytes:
     return data
 
 
-def _load_safetensors(path: str, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """A safetensors file's tensors, checked against ``sha256`` when given; CheckpointError
-    naming the file when it is truncated or corrupted."""
+def read_safetensors(path, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """A safetensors file's tensors (CPU), checked against ``sha256`` when given;
+    CheckpointError naming the file when it is truncated or corrupted."""
+    path = os.fspath(path)
     data = _read_bytes(path, sha256)
     try:
         return _st_load(data)
@@ -253,7 +254,7 @@ def _read_adapter(folder, expert: str, tensors: bool = True
     if not tensors:
         return adapter_config, None, path
     sha = sums.get(os.path.basename(path))
-    weights = _load_safetensors(path, sha) if path == st else _torch_load(path, sha)
+    weights = read_safetensors(path, sha) if path == st else _torch_load(path, sha)
     _check_values(weights, path)
     return adapter_config, weights, path
 
@@ -616,7 +617,7 @@ def from_pretrained(model: nn.Module, directory) -> nn.Module:
     if len(saved_modules) != len(modules) or len(set(mapping.values())) != len(modules):
         raise CheckpointError(f"mogu: {config_path} has {len(saved_modules)} modules but the model has "
                               f"{len(modules)} MoGU target modules (layer count mismatch)")
-    tensors = _load_safetensors(weights_path, sums.get(OWN_WEIGHTS))
+    tensors = read_safetensors(weights_path, sums.get(OWN_WEIGHTS))
     expected = {}
     r, E = config.r, len(EXPERTS)
     for saved, target in mapping.items():

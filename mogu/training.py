@@ -421,6 +421,16 @@ def _clean_debris(out: str) -> None:
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
+def _load_torch(path: str):
+    """``torch.load`` (weights only) of a checkpoint file; CheckpointError naming it."""
+    from .checkpoint import CheckpointError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"resume: cannot read {path} ({type(exc).__name__}: {exc})") from exc
+
+
 def _checkpoint_sums(folder: str) -> Dict[str, str]:
     from .checkpoint import sha256_file
 
@@ -484,9 +494,8 @@ def _run(stage: _Stage, args: Dict[str, Any], out: str, *, accelerator, checkpoi
 
     optimizer = torch.optim.AdamW(stage.param_groups or stage.params, lr=lr, weight_decay=weight_decay)
     model, optimizer = accelerator.prepare(stage.model, optimizer)
-    if checkpoint is not None:
-        optimizer.load_state_dict(torch.load(os.path.join(checkpoint, OPTIMIZER_FILE), map_location="cpu",
-                                             weights_only=True))     # checked against its sha256 above
+    if checkpoint is not None:             # checked against its sha256 above (when recorded)
+        optimizer.load_state_dict(_load_torch(os.path.join(checkpoint, OPTIMIZER_FILE)))
 
     log_path = os.path.join(out, LOG_FILE)
     if main:
@@ -529,7 +538,7 @@ def _run(stage: _Stage, args: Dict[str, Any], out: str, *, accelerator, checkpoi
     if checkpoint is not None:
         rng_path = os.path.join(checkpoint, f"rng-{accelerator.process_index}.pt")
         if os.path.exists(rng_path):
-            _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
+            _set_rng_state(_load_torch(rng_path))
 
     losses: List[float] = []
     shown: Dict[str, float] = {}
@@ -796,7 +805,8 @@ def train_expert(model: nn.Module, tokenizer, expert: str, affirm, reject, out, 
     existing output without overwrite/resume, ValueError for bad arguments.
     """
     from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
+
+    from .checkpoint import read_safetensors
 
     if expert not in EXPERTS:
         raise ValueError(f"train_expert: expert must be one of {list(EXPERTS)}, got {expert!r}")
@@ -841,7 +851,7 @@ def train_expert(model: nn.Module, tokenizer, expert: str, affirm, reject, out, 
             peft_model = get_peft_model(model, lora)
         try:
             def load_weights(m, folder):
-                state = load_file(os.path.join(folder, "adapter_model.safetensors"))
+                state = read_safetensors(os.path.join(folder, "adapter_model.safetensors"))
                 result = set_peft_model_state_dict(m, state)
                 if getattr(result, "unexpected_keys", None):
                     raise ValueError(f"resume: {folder}: unexpected adapter keys {result.unexpected_keys[:3]}")
