@@ -469,31 +469,41 @@ def _op_args(dtype=torch.float32, K=40, N=24, r=4, seed=0):
                 router_weight=torch.randn(2, K, generator=g), router_bias=torch.randn(2, generator=g), scaling=2.0)
 
 
-CPU_BACKENDS = [b for b in ("reference", "cpp") if b in __import__("mogu_kernels").available_backends()]
+CPU_BACKENDS = [b for b in ("reference", "cpp") if b in __import__("mogu_kernels").available_backends("cpu")]
+BACKENDS = [pytest.param("cpu", b, id=b) for b in CPU_BACKENDS] + [
+    pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.gpu) for b in ("triton", "cuda", "reference")]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def _on(device, backend, args):
+    from mogu_kernels import available_backends
+
+    if backend not in available_backends(device):
+        pytest.skip(f"backend {backend} is not available on {device}")
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_op_non_finite_input_stays_in_its_row(backend, bad):
+def test_op_non_finite_input_stays_in_its_row(device, backend, bad):
     """Documented: no check, no error; a NaN/inf in a row of x gives non-finite y in that row
     only (NaN propagates), every other row is exactly the clean result."""
     from mogu_kernels import mogu_linear
 
-    args = _op_args()
-    x = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(1))
+    args = _on(device, backend, _op_args())
+    x = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(1)).to(device)
     y0, g0 = mogu_linear(x, backend=backend, **args)
     xb = x.clone()
     xb[1, 2, 7] = bad
     y, g = mogu_linear(xb, backend=backend, **args)
-    row = torch.zeros(3, 5, dtype=torch.bool)
+    row = torch.zeros(3, 5, dtype=torch.bool, device=device)
     row[1, 2] = True
     assert not torch.isfinite(y[row]).all()
     assert torch.equal(y[~row], y0[~row]) and torch.equal(g[~row], g0[~row])
     assert torch.isnan(g[row]).any() or ((g[row] == 0) | (g[row] == 1)).all()    # sigmoid(+-inf) = 1 / 0
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_op_fp16_large_inputs_keep_the_gates_exact(backend):
+@pytest.mark.parametrize("device, backend", BACKENDS)
+def test_op_fp16_large_inputs_keep_the_gates_exact(device, backend):
     """Documented: the gate math runs in fp32, so fp16 inputs whose router logits overflow
     fp16 (|logit| > 65504) still give gates in [0, 1] equal to the fp64 sigmoid; y is fp16
     and may overflow to inf like the base layer, never NaN from the gates."""
@@ -501,7 +511,8 @@ def test_op_fp16_large_inputs_keep_the_gates_exact(backend):
 
     args = _op_args(torch.float16)
     args["router_weight"] = args["router_weight"] * 100
-    x = (torch.randn(4, 40, generator=torch.Generator().manual_seed(2)) * 1e4).half()
+    args = _on(device, backend, args)
+    x = (torch.randn(4, 40, generator=torch.Generator().manual_seed(2)) * 1e4).half().to(device)
     logits = x.double() @ args["router_weight"].double().T + args["router_bias"].double()
     assert logits.abs().max() > 65504                                     # would overflow in fp16
     y, g = mogu_linear(x, backend=backend, **args)
@@ -509,11 +520,11 @@ def test_op_fp16_large_inputs_keep_the_gates_exact(backend):
     torch.testing.assert_close(g.double(), torch.sigmoid(logits), atol=1e-3, rtol=0)
     assert not torch.isnan(y).any()
     # Router logits whose partial sums pass the fp16 maximum but cancel to 0: exact gates.
-    xc = torch.full((2, 40), 2e4).half()
-    rw, rb = torch.tensor([4.0, -4.0] * 20).repeat(2, 1), torch.tensor([-0.5, 0.7])
+    xc = torch.full((2, 40), 2e4, device=device).half()
+    rw, rb = torch.tensor([4.0, -4.0] * 20, device=device).repeat(2, 1), torch.tensor([-0.5, 0.7], device=device)
     _, gc = mogu_linear(xc, backend=backend, **{**args, "router_weight": rw, "router_bias": rb})
     torch.testing.assert_close(gc.double(), torch.sigmoid(rb.double()).expand(2, 2), atol=1e-3, rtol=0)
-    small = (torch.randn(4, 40, generator=torch.Generator().manual_seed(3)) * 10).half()
+    small = (torch.randn(4, 40, generator=torch.Generator().manual_seed(3)) * 10).half().to(device)
     ys, gs = mogu_linear(small, backend=backend, **args)
     assert torch.isfinite(ys).all() and torch.isfinite(gs).all()
 
