@@ -64,17 +64,22 @@ def _minor(version: str) -> Tuple[int, int]:
     return int(match.group(1)), int(match.group(2) or 0)
 
 
+def installed_transformers() -> str:
+    """The installed transformers version, from the package metadata (no transformers import)."""
+    from importlib.metadata import version
+    return version("transformers")
+
+
 def check_transformers(version: Optional[str] = None) -> str:
     """Check a transformers version (default: the installed one) against the tested range.
 
     Returns the version. Raises :class:`TransformersVersionError` below
     ``TESTED_TRANSFORMERS[0]`` (unless ``MOGU_ALLOW_UNTESTED_TRANSFORMERS=1``, then it
     warns); warns :class:`UntestedTransformersWarning` above ``TESTED_TRANSFORMERS[1]``.
-    Reads the installed version from the package metadata (no transformers import).
+    Reads the installed version with :func:`installed_transformers`.
     """
     if version is None:
-        from importlib.metadata import version as dist_version
-        version = dist_version("transformers")
+        version = installed_transformers()
     low, high = TESTED_TRANSFORMERS
     have = _minor(version)
     tested = f"mogu is tested with transformers {low} to {high} (setup.py: transformers>={low},<{_next(high)})"
@@ -334,9 +339,9 @@ def make_peft_model(model: nn.Module, lora_config):
 def unload_peft(peft_model, base_model: nn.Module) -> nn.Module:
     """Remove peft's LoRA layers from ``base_model`` (``peft_model.unload()``, the wrapped
     modules back in place) and the ``peft_config`` attribute that ``get_peft_model`` set on
-    the base model's instance ``__dict__`` (peft leaves it behind; it would make the model
-    look adapter-carrying to :func:`has_peft_adapter` and to transformers). Returns
-    ``base_model``."""
+    the base model's instance ``__dict__``: peft 0.21's ``unload`` removes it, releases
+    before it left it behind, and a leftover makes the model look adapter-carrying to
+    :func:`has_peft_adapter` and to transformers. Returns ``base_model``."""
     peft_model.unload()
     if "peft_config" in base_model.__dict__:
         del base_model.__dict__["peft_config"]

@@ -36,6 +36,22 @@ def test_version_gate_errors_below_and_warns_above_the_tested_range(monkeypatch)
         hf_compat.check_transformers("5.16.2")
 
 
+def test_generate_and_training_helpers_pass_the_gate_first(monkeypatch):
+    """An untested-old transformers stops mogu.generate and the training helpers with the
+    named error before anything runs (the gate runs on the first use of hf_compat)."""
+    import mogu
+
+    monkeypatch.delenv(hf_compat.ALLOW_UNTESTED_ENV, raising=False)
+    monkeypatch.setattr(hf_compat, "installed_transformers", lambda: "5.10.0")
+    model = tiny_llama()
+    mogu.patch_model(model)
+    for call in (lambda: mogu.generate(model, torch.tensor([[5, 6, 7]]), max_new_tokens=2),
+                 lambda: hf_compat.set_checkpointing(model, True), lambda: hf_compat.checkpointing_enabled(model)):
+        monkeypatch.setattr(hf_compat, "_CHECKED", False)
+        with pytest.raises(hf_compat.TransformersVersionError, match="5.10.0"):
+            call()
+
+
 def test_installed_transformers_is_tested_and_setup_py_states_the_same_range():
     import transformers
 
@@ -126,3 +142,12 @@ def test_peft_model_round_trip_leaves_the_plain_model():
     assert hf_compat.unload_peft(peft_model, model) is model
     assert not hf_compat.has_peft_adapter(model)
     assert {name: type(m) for name, m in model.named_modules()} == before
+
+    class LeavesConfigBehind:            # a peft release whose unload() keeps peft_config on the base
+        def unload(self):
+            pass
+
+    model.__dict__["peft_config"] = {"default": object()}
+    assert hf_compat.has_peft_adapter(model)
+    hf_compat.unload_peft(LeavesConfigBehind(), model)
+    assert not hf_compat.has_peft_adapter(model) and "peft_config" not in model.__dict__
