@@ -51,6 +51,7 @@ except ImportError as exc:  # the backend simply is not registered
 from .dispatch import Backend, register_backend
 from .reference import reference_mogu_linear
 from .triton_kernels import mogu_fused_kernel, mogu_gemm_expand_kernel, mogu_shrink_router_kernel
+from .validation import accumulation_dtype
 
 # Whether the kernels above were created by the interpreter (@triton.jit decides at
 # decoration time, i.e. when this module was first imported).
@@ -294,7 +295,7 @@ def _forward_impl(x, weight, bias, lora_A, lora_B, router_weight, router_bias, s
     E, r, _ = lora_A.shape
     y = x.new_empty((*lead, N))
     gates = x.new_empty((*lead, E))
-    saved = x.new_empty((*lead, E * r + E), dtype=torch.float32)
+    saved = x.new_empty((*lead, E * r + E), dtype=accumulation_dtype(x.dtype))   # fp32: no fp64 reaches here
     x2 = x.reshape(-1, K)                 # a view whenever the leading dims allow (any K stride)
     M = x2.shape[0]
     if M == 0:
@@ -337,7 +338,7 @@ def _triton_linear_fake(x, weight, bias, lora_A, lora_B, router_weight, router_b
     lead = x.shape[:-1]
     E, r, _ = lora_A.shape
     return (x.new_empty((*lead, weight.shape[0])), x.new_empty((*lead, E)),
-            x.new_empty((*lead, E * r + E), dtype=torch.float32))
+            x.new_empty((*lead, E * r + E), dtype=accumulation_dtype(x.dtype)))
 
 
 def _setup_context(ctx, inputs, output):
