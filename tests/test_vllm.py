@@ -83,8 +83,8 @@ def folders(tmp_path_factory):
     return {"root": str(root), "base": base, "mogu": str(root / "mogu"), "served": served}
 
 
-def hf_tokens(folder: str, mogu_dir=None):
-    """Greedy new tokens of the Hugging Face model (MoGU protocol "always" when mogu_dir)."""
+def hf_tokens(folder: str, mogu_dir=None, protocol: str = "always"):
+    """Greedy new tokens of the Hugging Face model (with MoGU under ``protocol`` when mogu_dir)."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if mogu_dir is not None:
@@ -94,7 +94,7 @@ def hf_tokens(folder: str, mogu_dir=None):
         x = torch.tensor([ids])
         with torch.no_grad():
             if mogu_dir is not None:
-                y = mogu.generate(model, x, max_new_tokens=MAX_TOKENS, protocol="always", do_sample=False,
+                y = mogu.generate(model, x, max_new_tokens=MAX_TOKENS, protocol=protocol, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)
             else:
                 y = model.generate(x, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -109,13 +109,13 @@ def engine_env(**extra):
     return env
 
 
-def run_engine(folder: str, tmp: str, tensor_parallel_size: int = 1, **env):
+def run_engine(folder: str, tmp: str, tensor_parallel_size: int = 1, exact: bool = False, **env):
     """Serve ``folder`` with vllm.LLM in a subprocess; returns its result dict."""
     request = os.path.join(tmp, f"req_tp{tensor_parallel_size}.json")
     result = os.path.join(tmp, f"res_tp{tensor_parallel_size}.json")
     with open(request, "w") as f:
         json.dump({"model": folder, "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "dtype": "float32",
-                   "tensor_parallel_size": tensor_parallel_size}, f)
+                   "tensor_parallel_size": tensor_parallel_size, "exact": exact}, f)
     proc = subprocess.run([sys.executable, os.path.join(HERE, "vllm_worker.py"), request, result],
                           env=engine_env(**env), capture_output=True, text=True, timeout=ENGINE_TIMEOUT, cwd=tmp)
     if proc.returncode != 0:
@@ -236,21 +236,28 @@ def test_plugin_entry_point_registers_the_architectures(tmp_path):
 def test_vllm_greedy_tokens_equal_mogu_generate(folders, tmp_path):
     """Served by vllm.LLM (fp32, TP 1, the fused op) == mogu.generate(protocol="always"),
     and MoGU visibly changes the tokens against the plain base model."""
-    served = run_engine(folders["served"], str(tmp_path))
+    served = run_engine(folders["served"], str(tmp_path), exact=True)
     assert served["architecture"] == ["MoGULlamaForCausalLM"]
     want = hf_tokens(folders["served"], folders["served"])
     assert served["tokens"] == want
     base = hf_tokens(folders["base"])
     assert base != want, "the MoGU folder did not change any greedy token"
+    # Protocol "exact" (MoGU for mogu_tokens = 5 tokens, then base re-reading the prefix) in
+    # two engine phases == mogu.generate(protocol="exact"); MoGU is back on afterwards.
+    exact = hf_tokens(folders["served"], folders["served"], protocol="exact")
+    assert served["exact"] == exact
+    assert exact != want and exact != base
+    assert served["always_again"] == want
     print(f"vLLM TP=1: load {served['load_s']:.1f} s, generate {served['generate_s']:.2f} s")
 
 
 @needs_vllm
 def test_vllm_tensor_parallel_2_equals_mogu_generate(folders, tmp_path):
     """TP=2 (each rank a K slice; logits and shrinks all-reduced) == mogu.generate == TP=1."""
-    served = run_engine(folders["served"], str(tmp_path), tensor_parallel_size=2,
+    served = run_engine(folders["served"], str(tmp_path), tensor_parallel_size=2, exact=True,
                         VLLM_CPU_OMP_THREADS_BIND="0|1")
     assert served["tokens"] == hf_tokens(folders["served"], folders["served"])
+    assert served["exact"] == hf_tokens(folders["served"], folders["served"], protocol="exact")
     print(f"vLLM TP=2: load {served['load_s']:.1f} s, generate {served['generate_s']:.2f} s")
 
 

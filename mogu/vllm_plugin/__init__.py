@@ -10,13 +10,17 @@ The package's entry point (group ``vllm.general_plugins``, name ``mogu``) calls
 Nothing in this module imports vLLM at import time: ``import mogu.vllm_plugin`` works
 without vLLM installed, and :func:`export_vllm` needs only transformers.
 
-The served model runs MoGU on every token (protocol ``always``); see
-:mod:`mogu.vllm_plugin.models` for the layer and the tensor-parallel maths.
+The server runs MoGU on every token (protocol ``always``); an offline ``vllm.LLM`` can
+run the published protocol with :func:`generate_exact` (two engine-wide phases, one copy of
+the weights; mogu/vllm_plugin/protocol.py says why a server cannot switch per request).
+:mod:`mogu.vllm_plugin.models` holds the layer and the tensor-parallel maths.
 """
 from __future__ import annotations
 
 from .common import ARCHITECTURES, SECTION_KEY, VLLMExportError, read_section
 from .export import export_vllm
+from .protocol import generate_exact
+from .worker import WORKER_EXTENSION
 
 MODELS_MODULE = "mogu.vllm_plugin.models"
 
@@ -31,4 +35,5 @@ def register() -> None:
             ModelRegistry.register_model(arch, f"{MODELS_MODULE}:{arch}")
 
 
-__all__ = ["register", "export_vllm", "read_section", "ARCHITECTURES", "SECTION_KEY", "VLLMExportError"]
+__all__ = ["register", "export_vllm", "generate_exact", "read_section", "ARCHITECTURES", "SECTION_KEY",
+           "VLLMExportError", "WORKER_EXTENSION"]

@@ -72,6 +72,10 @@ class MoGURowParallelLinear(RowParallelLinear):
             param = Parameter(torch.empty(shape, dtype=pdtype), requires_grad=False)
             self.register_parameter(name, param)
             set_weight_attrs(param, {"weight_loader": self._mogu_loader(name, k_dim)})
+        # The engine-wide MoGU switch (``set_base_mode``): a tensor, not a Python flag, so a
+        # captured CUDA graph / compiled model reads it at run time. True = every row runs as
+        # the plain base layer (the op's base_rows), for the second phase of protocol "exact".
+        self.register_buffer("base_mode", torch.zeros((), dtype=torch.bool), persistent=False)
         self.fused = (self.tp_size == 1 and isinstance(self.quant_method, UnquantizedLinearMethod)
                       and os.environ.get(PATH_ENV, "auto") != "split")
         if self.fused and current_platform.is_cpu():
@@ -100,7 +104,7 @@ class MoGURowParallelLinear(RowParallelLinear):
     def forward(self, input_):
         if self.fused:
             y, _ = mogu_linear(input_, self.weight, self.bias, self.lora_A, self.lora_B, self.router_weight,
-                               self.router_bias, self.scaling)
+                               self.router_bias, self.scaling, base_rows=self.base_mode.expand(input_.shape[:-1]))
         else:
             y = self._forward_split(input_)
         return (y, None) if self.return_bias else y
@@ -116,10 +120,12 @@ class MoGURowParallelLinear(RowParallelLinear):
         gates = torch.sigmoid(logits + self.router_bias.to(acc))
         bias = self.bias if self.tp_rank == 0 else None
         base = self.quant_method.apply(self, x, bias)                                     # (T, N) partial
+        base_rows = self.base_mode.expand(x.shape[:-1])
         if self.tp_rank == 0:
-            y = mix_experts(base, shrink, gates, self.lora_B, self.scaling)
+            y = mix_experts(base, shrink, gates, self.lora_B, self.scaling, base_rows)
         else:
-            y = (gates.sum(-1, keepdim=True) * base.to(acc)).to(base.dtype)
+            gate_sum = torch.where(base_rows.unsqueeze(-1), 1.0, gates.sum(-1, keepdim=True))
+            y = (gate_sum * base.to(acc)).to(base.dtype)
         if self.tp_size > 1:
             y = tensor_model_parallel_all_reduce(y)
         return y
@@ -128,6 +134,16 @@ class MoGURowParallelLinear(RowParallelLinear):
         return (super().extra_repr() + f", mogu_experts={self.num_experts}, r={self.r}, scaling={self.scaling:g}, "
                 f"path={'fused' if self.fused else 'split'}"
                 + (f", router_offset={self.router_offset:g}" if self.router_offset else ""))
+
+
+def set_base_mode(model: nn.Module, base: bool) -> int:
+    """Switch every MoGU layer of ``model`` to the plain base layer (True) or back to MoGU
+    (False); returns how many layers were switched. Runs inside each vLLM worker through
+    ``llm.collective_rpc("mogu_set_base_mode", args=(True,))`` (mogu/vllm_plugin/worker.py)."""
+    layers = [m for m in model.modules() if isinstance(m, MoGURowParallelLinear)]
+    for layer in layers:
+        layer.base_mode.fill_(bool(base))
+    return len(layers)
 
 
 def _has_missing_ancestor(model: nn.Module, name: str) -> bool:
