@@ -169,7 +169,10 @@ def labelled(tmp_path_factory):
 
 def same_files(a, b, names):
     for name in names:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+        got, want = (a / name).read_text().splitlines(), (b / name).read_text().splitlines()
+        diff = next((i for i, (x, y) in enumerate(zip(got, want)) if x != y), None)
+        assert got == want, f"{name}: line {diff}: {got[diff] if diff is not None else len(got)!r} != " \
+                            f"{want[diff] if diff is not None else len(want)!r}"
 
 
 def test_build_data_killed_mid_run_resumes_to_the_same_files(tok, tmp_path, labelled, one_thread):
