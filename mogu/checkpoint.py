@@ -673,7 +673,7 @@ def export_peft(model: nn.Module, directory, expert: str) -> None:
         r=first.r, lora_alpha=first.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.resolve_targets(getattr(getattr(model, "config", None), "model_type", None)),
         bias="none", task_type="CAUSAL_LM",
-        base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None)
+        base_model_name_or_path=getattr(getattr(model, "config", None), "name_or_path", None) or None)
     atomic_write(os.path.join(directory, "adapter_model.safetensors"),
                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write_text(os.path.join(directory, ADAPTER_CONFIG), peft_config_json(lora_config))

@@ -243,9 +243,9 @@ def _write_json(path: str, value) -> None:
 
 
 def model_name(model: nn.Module) -> str:
-    """The model's ``config._name_or_path`` (or its class name): recorded in settings so a
+    """The model's ``config.name_or_path`` (or its class name): recorded in settings so a
     resumed run can tell it is continuing with the same model."""
-    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+    return str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
 
 
 def claim_output_folder(out, owned: Sequence[str], *, overwrite: bool, resume: bool, caller: str,

@@ -54,7 +54,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -64,6 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data as mdata
+from . import hf_compat
 from .checkpoint import TRAINING_INCOMPLETE, atomic_write_text, write_checksums
 from .config import EXPERTS, ROUTER_HEADS, MoGUConfig
 from .patching import find_targets, is_patched, patch_model, patched_modules
@@ -679,49 +679,20 @@ def _reduce_means(accelerator, sums: Dict[str, torch.Tensor]) -> Dict[str, float
     return out
 
 
-def _checkpointing_on(model: nn.Module) -> bool:
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):   # transformers >= 5.2x / older
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
-    return False
-
-
-def _set_checkpointing(model: nn.Module, enable: bool) -> None:
-    """Turn Hugging Face activation (gradient) checkpointing on/off, non-reentrant.
-
-    Non-reentrant checkpointing keeps autograd from the recomputed segments to tensors
-    used outside them (the router gates of the stage-2 loss)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        if enable:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.activation_checkpointing_disable()
-    elif hasattr(model, "gradient_checkpointing_enable"):
-        if enable:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_disable()
-    else:
-        raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it")
-    if not enable and hasattr(model, "_require_grads_hook") and hasattr(model, "disable_input_require_grads"):
-        model.disable_input_require_grads()          # the hook enabling installs for embeddings
-
-
 @contextlib.contextmanager
 def _training_state(model: nn.Module, gradient_checkpointing: bool):
     """Restore requires_grad flags, train/eval mode and checkpointing afterwards."""
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     was_training = model.training
-    turn_on = gradient_checkpointing and not _checkpointing_on(model)
+    turn_on = gradient_checkpointing and not hf_compat.checkpointing_enabled(model)
     try:
         if turn_on:
-            _set_checkpointing(model, True)
+            hf_compat.set_checkpointing(model, True)
         yield
     finally:
         if turn_on:
-            _set_checkpointing(model, False)
+            hf_compat.set_checkpointing(model, False)
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
         model.train(was_training)
@@ -804,13 +775,13 @@ def train_expert(model: nn.Module, tokenizer, expert: str, affirm, reject, out, 
     Raises DataError (before anything is written) for bad data, FileExistsError for an
     existing output without overwrite/resume, ValueError for bad arguments.
     """
-    from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, set_peft_model_state_dict
 
     from .checkpoint import read_safetensors
 
     if expert not in EXPERTS:
         raise ValueError(f"train_expert: expert must be one of {list(EXPERTS)}, got {expert!r}")
-    if isinstance(model, PeftModel) or getattr(model, "peft_config", None):
+    if hf_compat.has_peft_adapter(model):
         raise ValueError("train_expert: the model already carries a peft adapter; pass the plain base model")
     if is_patched(model):
         raise ValueError("train_expert: the model is MoGU-patched; experts are trained on the plain base model "
@@ -846,9 +817,7 @@ def train_expert(model: nn.Module, tokenizer, expert: str, affirm, reject, out, 
     with _training_state(model, gradient_checkpointing):
         lora = LoraConfig(r=int(r), lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
                           bias="none", task_type="CAUSAL_LM")
-        with warnings.catch_warnings():   # peft reads a property transformers 5 deprecates
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            peft_model = get_peft_model(model, lora)
+        peft_model = hf_compat.make_peft_model(model, lora)
         try:
             def load_weights(m, folder):
                 state = read_safetensors(os.path.join(folder, "adapter_model.safetensors"))
@@ -874,9 +843,7 @@ def train_expert(model: nn.Module, tokenizer, expert: str, affirm, reject, out, 
                         max_grad_norm=max_grad_norm, seed=seed, shuffle=shuffle, save_steps=save_steps,
                         save_total_limit=save_total_limit, progress=progress)
         finally:
-            peft_model.unload()                 # LoRA layers out; the base modules back in place
-            if "peft_config" in model.__dict__:
-                del model.__dict__["peft_config"]
+            hf_compat.unload_peft(peft_model, model)   # LoRA layers out; the base modules back in place
 
 
 # ================================================================= stage 2
