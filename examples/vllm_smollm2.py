@@ -53,15 +53,14 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", help="vLLM dtype (float32 allows exact parity checks)")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--parity", type=int, default=6, help="prompts compared token by token with mogu.generate")
+    p.add_argument("--reuse", action="store_true", help="judge the tokens saved in --out/tokens.json again")
     args = p.parse_args()
 
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
 
     import mogu
-    from mogu.judge import KeywordJudge
     from mogu.prompt_files import read_prompt_file
-    from mogu.vllm_plugin import WORKER_EXTENSION, export_vllm, generate_exact
+    from mogu.vllm_plugin import export_vllm
 
     served = os.path.join(args.out, "served")
     if not os.path.exists(os.path.join(served, "config.json")):
@@ -71,6 +70,23 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(served)
     rows = read_prompt_file(args.prompts)
     ids = [mogu.prompt_ids(tok, r["instruction"], r.get("system")) for r in rows]
+    tokens_path = os.path.join(args.out, "tokens.json")
+    if args.reuse and os.path.exists(tokens_path):
+        with open(tokens_path) as f:
+            saved = json.load(f)
+        runs, timing, load_s = saved["runs"], saved["generate_s"], saved["load_s"]
+    else:
+        runs, timing, load_s = generate_all(args, served, ids)
+        with open(tokens_path, "w") as f:
+            json.dump({"runs": runs, "generate_s": timing, "load_s": load_s}, f)
+    summarize(args, served, tok, rows, ids, runs, timing, load_s)
+
+
+def generate_all(args, served, ids):
+    """Base (mogu_tokens=0), always and exact greedy tokens of every prompt on one engine."""
+    from vllm import LLM, SamplingParams
+
+    from mogu.vllm_plugin import WORKER_EXTENSION, generate_exact
     t = time.time()
     llm = LLM(model=served, dtype=args.dtype, enforce_eager=True, max_model_len=1024, gpu_memory_utilization=0.2,
               seed=0, worker_extension_cls=WORKER_EXTENSION)
@@ -87,14 +103,18 @@ def main() -> None:
     t = time.time()
     runs["exact"] = [r["token_ids"] for r in generate_exact(llm, inputs, params)]
     timing["exact"] = time.time() - t
+    return runs, timing, load_s
 
+
+def summarize(args, served, tok, rows, ids, runs, timing, load_s):
+    from mogu.judge import KeywordJudge
     judge = KeywordJudge()
     table = defaultdict(lambda: defaultdict(list))
     with open(os.path.join(args.out, "responses.jsonl"), "w") as f:
         for i, row in enumerate(rows):
             rec = {"id": row.get("id"), "category": row.get("category"), "instruction": row["instruction"]}
-            for name, toks in runs.items():
-                text = tok.decode(toks, skip_special_tokens=True)
+            for name, per_prompt in runs.items():
+                text = tok.decode(per_prompt[i], skip_special_tokens=True)
                 refused = judge(text).refused
                 table[name][row.get("category") or row.get("label")].append(refused)
                 rec[name] = text
@@ -112,7 +132,6 @@ def main() -> None:
         print(f"{name:8s}  " + "  ".join(f"{summary['refusal_rate'][name][c]:10.2f}" for c in cats)
               + f"   {timing[name]:8.1f}")
     if args.parity and args.dtype == "float32":
-        del llm
         k = min(args.parity, len(ids))
         parity = {}
         for protocol in ("always", "exact"):
