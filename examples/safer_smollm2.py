@@ -128,6 +128,7 @@ def parse_args(argv=None):
     p.add_argument("--lam", type=float, default=10.0)
     p.add_argument("--target-benign-refusal", type=float, default=0.05)
     p.add_argument("--offsets", type=float, nargs="+", default=[-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0])
+    p.add_argument("--refine", type=int, default=2, help="bisection steps of the dial below the chosen grid point")
     p.add_argument("--calibration-prompts", type=int, default=100,
                    help="validation prompts for the dial (40%% benign, 20%% borderline, 30%% malicious, "
                         "10%% jailbreak)")
@@ -300,7 +301,7 @@ def main(argv=None) -> dict:
         deploy = os.path.join(run, "router", "folded")
         mogu.load(model, deploy)
         cal = mogu.calibrate(model, tokenizer, [calib_file], out=os.path.join(run, "calibration"),
-                             target_benign_refusal=args.target_benign_refusal, offsets=args.offsets,
+                             target_benign_refusal=args.target_benign_refusal, offsets=args.offsets, refine=args.refine,
                              mogu_dir=deploy, max_new_tokens=args.calibration_max_new_tokens,
                              batch_size=args.gen_batch_size, overwrite=True, progress=progress)
         print(f"seed {seed}: router offset {cal.chosen:g} (target met on validation: {cal.met_target})", flush=True)

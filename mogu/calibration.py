@@ -11,7 +11,10 @@ judges refusals, and picks
     and at every larger d of the grid
 
 (the safest point that keeps benign refusals under the target, robust to a noisy
-non-monotone measured curve). If no grid point qualifies, the d with the lowest benign
+non-monotone measured curve). With ``refine=k`` (default 2) the interval between the
+chosen point and the grid point below it is then bisected k times (each midpoint
+measured and the rule applied again to the whole curve), so the dial lands close to where
+benign refusals cross the target instead of on the coarse grid. If no grid point qualifies, the d with the lowest benign
 refusal rate is taken and ``met_target`` is False. The chosen d is set on the model and,
 with ``mogu_dir``, written into that folder's ``mogu_config.json``, so generation,
 evaluation and export use it from then on.
@@ -43,7 +46,8 @@ CALIBRATION_PLOT = "calibration.png"
 
 @dataclass
 class CalibrationResult:
-    """offsets: the grid (ascending); curve: per offset {"offset", "benign", "malicious",
+    """offsets: the grid (ascending); curve: per measured offset (the grid and the
+    refinement midpoints, ascending) {"offset", "benign", "malicious",
     and, where the prompts carry categories, "borderline", "jailbreak"} refusal rates in
     [0, 1] (None where the validation set has no such prompt); chosen: the offset set on the
     model; met_target: whether it meets ``target_benign_refusal``."""
@@ -148,7 +152,7 @@ def _plot(result: CalibrationResult, path: str) -> Optional[str]:
 def calibrate(model: nn.Module, tokenizer, prompt_files: PromptFiles = None, *, out, benign=None, malicious=None,
               borderline=None, target_benign_refusal: float = 0.05, offsets: Sequence[float] = DEFAULT_OFFSETS,
               mogu_dir=None, max_new_tokens: int = 16, batch_size: int = 8, system: Optional[str] = None,
-              refusal_phrases: Optional[Sequence[str]] = None, judge=None, resume: bool = True,
+              refusal_phrases: Optional[Sequence[str]] = None, judge=None, refine: int = 2, resume: bool = True,
               overwrite: bool = False, plots: bool = True, progress: bool = True) -> CalibrationResult:
     """Sweep the router offset on validation prompts and set the chosen one (module docstring).
 
@@ -159,6 +163,8 @@ def calibrate(model: nn.Module, tokenizer, prompt_files: PromptFiles = None, *, 
     offsets: the grid of d (sorted, distinct). max_new_tokens: per response (refusals
         show in the first words; 16 keeps the sweep cheap). mogu_dir: a MoGU folder
         whose ``mogu_config.json`` receives the chosen d (None: only the model is set).
+    refine: bisection steps between the chosen grid point and the one below it (0: the
+        grid only); each costs one more pass over the prompts.
     Other arguments as in :func:`mogu.evaluate`.
 
     Returns CalibrationResult; the model is left at the chosen offset. Raises ValueError
@@ -174,6 +180,8 @@ def calibrate(model: nn.Module, tokenizer, prompt_files: PromptFiles = None, *, 
                          f"{list(offsets)!r}")
     for d in grid:
         MoGUConfig(router_offset=d)                                   # finite numbers only
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"mogu.calibrate: refine must be an integer >= 0, got {refine!r}")
     if mogu_dir is not None and not os.path.exists(os.path.join(os.fspath(mogu_dir), OWN_CONFIG)):
         raise FileNotFoundError(f"mogu.calibrate: {os.path.join(os.fspath(mogu_dir), OWN_CONFIG)} not found")
     out = os.path.abspath(os.fspath(out))
@@ -182,28 +190,43 @@ def calibrate(model: nn.Module, tokenizer, prompt_files: PromptFiles = None, *, 
     if borderline is not None:
         extra["borderline"] = borderline
 
-    curve = []
-    for d in grid:
+    def measure(d: float) -> Dict[str, Optional[float]]:
         with router_offset(model, d):
             res = evaluate(model, tokenizer, prompt_files, out=os.path.join(out, f"offset_{d:+.3f}"), **extra,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, system=system, judge=judge,
                            refusal_phrases=refusal_phrases, compare_base=False, resume=resume, overwrite=overwrite,
                            plots=False, progress=progress, print_summary=False)
         rates = _rates(res.summary)
-        curve.append({"offset": d, **rates})
         if progress:
             shown = "  ".join(f"{k} {100 * v:.1f}%" for k, v in rates.items() if v is not None)
-            print(f"calibrate: d={d:+.2f}  refused: {shown}", flush=True)
+            print(f"calibrate: d={d:+.3f}  refused: {shown}", flush=True)
+        return {"offset": d, **rates}
+
+    curve = [measure(d) for d in grid]
     if all(r["benign"] is None for r in curve):
         raise ValueError("mogu.calibrate: the validation prompts hold no benign row; the dial needs benign and "
                          "malicious rows (labels)")
-    chosen, met = choose_offset(curve, float(target_benign_refusal))
+    target = float(target_benign_refusal)
+    chosen, met = choose_offset(curve, target)
+    below = [d for d in grid if d < chosen]
+    if met and below:                       # bisect (lower, chosen]: lower fails the rule, chosen meets it
+        lower = below[-1]
+        for _ in range(refine):
+            mid = round((lower + chosen) / 2, 6)
+            if mid in (lower, chosen):
+                break
+            curve = sorted(curve + [measure(mid)], key=lambda r: r["offset"])
+            new_choice, met = choose_offset(curve, target)
+            if new_choice == mid:
+                chosen = mid
+            else:
+                lower = mid
     set_router_offset(model, chosen)
     result = CalibrationResult(offsets=grid, curve=curve, chosen=chosen, met_target=met,
                                target_benign_refusal=float(target_benign_refusal), out=out)
     if mogu_dir is not None:
         result.files.append(write_mogu_offset(mogu_dir, chosen))
-    report = {"offsets": grid, "curve": curve, "chosen": chosen, "met_target": met,
+    report = {"offsets": grid, "refine": refine, "curve": curve, "chosen": chosen, "met_target": met,
               "target_benign_refusal": float(target_benign_refusal), "max_new_tokens": max_new_tokens,
               "rule": "smallest offset whose benign refusal rate is <= target there and at every larger offset",
               "mogu_dir": None if mogu_dir is None else os.path.abspath(os.fspath(mogu_dir))}

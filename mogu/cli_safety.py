@@ -35,6 +35,9 @@ def register(subparsers) -> None:
                    help="highest accepted benign refusal rate, 0..1 (default: %(default)s)")
     c.add_argument("--offsets", type=float, nargs="+", default=list(DEFAULT_OFFSETS),
                    help="grid of offsets d, ascending (default: %(default)s)")
+    c.add_argument("--refine", type=int, default=2,
+                   help="bisection steps between the chosen grid point and the one below it, one pass over the "
+                        "prompts each (default: %(default)s)")
     c.add_argument("--max-new-tokens", type=int, default=16, help="tokens per response (default: %(default)s)")
     c.add_argument("--dry-run", action="store_true", help="report the choice without writing it to --mogu "
                                                           "(default: write it)")
@@ -78,7 +81,7 @@ def run_calibrate(args) -> int:
     check_model(args, "calibrate")
     model, tokenizer = load_inference_model(args, mogu_path=args.mogu)
     result = calibrate(model, tokenizer, args.prompts, out=args.out, target_benign_refusal=args.target,
-                       offsets=args.offsets, mogu_dir=None if args.dry_run else args.mogu,
+                       offsets=args.offsets, refine=args.refine, mogu_dir=None if args.dry_run else args.mogu,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, system=args.system,
                        progress=not args.no_progress)
     verdict = "meets" if result.met_target else "does NOT meet"

@@ -244,13 +244,26 @@ def test_calibrate_end_to_end_writes_curve_and_folder(release, tok, tmp_path):
 
     res = mogu.calibrate(model, tok, [str(prompts)], out=tmp_path / "cal", offsets=[-1.0, 0.0, 1.0, 2.0],
                          target_benign_refusal=0.0, mogu_dir=tmp_path / "m", max_new_tokens=3, batch_size=4,
-                         judge=judge, progress=False)
+                         judge=judge, refine=0, progress=False)
     assert sorted(set(seen)) == [-1.0, 0.0, 1.0, 2.0]
     assert [r["benign"] for r in res.curve] == [1.0, 1.0, 0.0, 0.0] and res.chosen == 1.0 and res.met_target
     assert model.mogu_config.router_offset == 1.0
     assert json.load(open(tmp_path / "m" / "mogu_config.json"))["config"]["router_offset"] == 1.0
     report = json.load(open(tmp_path / "cal" / calibration.CALIBRATION_FILE))
     assert report["chosen"] == 1.0 and len(report["curve"]) == 4
+
+    # Refinement bisects (0, 1]: a judge that refuses below d = 0.7 moves the choice to 0.75.
+    def judge_07(text):
+        return model.mogu_config.router_offset < 0.7
+
+    res = mogu.calibrate(model, tok, [str(prompts)], out=tmp_path / "cal_refined", offsets=[-1.0, 0.0, 1.0, 2.0],
+                         target_benign_refusal=0.0, mogu_dir=tmp_path / "m", max_new_tokens=3, batch_size=4,
+                         judge=judge_07, refine=2, progress=False)
+    assert [r["offset"] for r in res.curve] == [-1.0, 0.0, 0.5, 0.75, 1.0, 2.0]
+    assert res.chosen == 0.75 and res.met_target and model.mogu_config.router_offset == 0.75
+    assert json.load(open(tmp_path / "m" / "mogu_config.json"))["config"]["router_offset"] == 0.75
+    with pytest.raises(ValueError, match="refine"):
+        mogu.calibrate(model, tok, [str(prompts)], out=tmp_path / "c3", refine=-1, progress=False)
     with pytest.raises(ValueError, match="ascending"):
         mogu.calibrate(model, tok, [str(prompts)], out=tmp_path / "c2", offsets=[1.0, 0.0], progress=False)
 
