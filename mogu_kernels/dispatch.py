@@ -8,13 +8,18 @@ at import (``register_backend``); ``resolve_backend`` picks one per call:
    backend or a ``RuntimeError`` saying why it cannot run here (never a silent swap);
 2. otherwise the first available backend of ``PREFERENCE[device type]``. Backends
    skipped because they failed to load are reported once with a warning.
+
+``mogu_linear`` resolves a backend on every call, so the answer is cached per (device,
+name): a hit costs two dict look-ups and the chosen backend's availability probe, and is
+re-checked against the registry each time (a backend replaced, registered or turning
+(un)available is seen on the next call; nothing needs clearing).
 """
 from __future__ import annotations
 
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -34,11 +39,29 @@ class Backend:
     supports_device: Callable[[torch.device], bool]
     # () -> None if usable, else a one-line reason (e.g. "extension not built: ...").
     unavailable_reason: Callable[[], Optional[str]] = lambda: None
+    # True when ``fn`` checks every argument itself and raises for any contract violation
+    # (the C++ op's TORCH_CHECKs): ``mogu_linear`` then runs the Python checks
+    # (``validation.check_mogu_linear_args``) only after ``fn`` raised, to give the
+    # documented ValueError, instead of on every call.
+    checks_args: bool = False
 
 
 _REGISTRY: Dict[str, Backend] = {}
 _MISSING: Dict[str, str] = {}          # backend name -> why its module failed to import
 _WARNED: set = set()
+# (device, backend name or None) -> (the backend resolve_backend chose, the preferred backends
+# it skipped as (name, registry entry or None)); see _cache_valid.
+_CACHE: Dict[Tuple[torch.device, Optional[str]], Tuple[Backend, Tuple[Tuple[str, Optional[Backend]], ...]]] = {}
+
+# MOGU_BACKEND is read on every call (it may change at run time); os.environ.get costs about
+# a microsecond (key encoding), a look-up in the dict that os.environ writes through to a
+# tenth of that.
+_ENVIRON = os.environ
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEY = os.environ.encodekey(ENV_VAR)
+except AttributeError:  # not CPython's os._Environ
+    _ENV_DATA = None
 
 
 def register_backend(backend: Backend) -> None:
@@ -116,23 +139,59 @@ def _explicit(name: str, device: torch.device, source: str) -> Backend:
     return b
 
 
+def _env_backend() -> Optional[str]:
+    """The value of ``MOGU_BACKEND``, None when unset or empty."""
+    if _ENV_DATA is not None and os.environ is _ENVIRON:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        return _ENVIRON.decodevalue(raw) if raw else None
+    return os.environ.get(ENV_VAR) or None
+
+
+def _cache_valid(b: Backend, skipped: Tuple[Tuple[str, Optional[Backend]], ...], device: torch.device) -> bool:
+    """Whether a cached choice still stands: ``b`` is still the registered backend of its name
+    and available, and every preferred backend skipped for it is still the same registry
+    entry and still unusable on ``device``."""
+    if _REGISTRY.get(b.name) is not b or b.unavailable_reason() is not None:
+        return False
+    for name, entry in skipped:
+        if _REGISTRY.get(name) is not entry:
+            return False
+        if entry is not None and entry.supports_device(device) and entry.unavailable_reason() is None:
+            return False
+    return True
+
+
 def resolve_backend(device: torch.device | str, backend: Optional[str] = None) -> Backend:
     """The backend that ``mogu_linear(..., backend=backend)`` uses for tensors on ``device``."""
-    device = torch.device(device)
+    if type(device) is not torch.device:
+        device = torch.device(device)
+    source = "backend="
+    if backend is None:
+        backend = _env_backend()
+        source = f"${ENV_VAR}"
+    hit = _CACHE.get((device, backend))
+    if hit is not None and _cache_valid(hit[0], hit[1], device):
+        return hit[0]
+    skipped: List[Tuple[str, Optional[Backend]]] = []
     if backend is not None:
-        return _explicit(backend, device, "backend=")
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return _explicit(env, device, f"${ENV_VAR}")
-    for name in PREFERENCE.get(device.type, ["reference"]):
-        b = _REGISTRY.get(name)
-        if b is None or not b.supports_device(device):
-            continue
-        reason = b.unavailable_reason()
-        if reason is None:
-            return b
-        if name not in _WARNED:
-            _WARNED.add(name)
-            warnings.warn(f"mogu_linear: backend {name!r} is unavailable ({reason}); "
-                          f"falling back to the next one", RuntimeWarning, stacklevel=3)
-    return _REGISTRY["reference"]
+        chosen = _explicit(backend, device, source)
+    else:
+        chosen = None
+        for name in PREFERENCE.get(device.type, ["reference"]):
+            b = _REGISTRY.get(name)
+            if b is None or not b.supports_device(device):
+                skipped.append((name, b))
+                continue
+            reason = b.unavailable_reason()
+            if reason is None:
+                chosen = b
+                break
+            skipped.append((name, b))
+            if name not in _WARNED:
+                _WARNED.add(name)
+                warnings.warn(f"mogu_linear: backend {name!r} is unavailable ({reason}); "
+                              f"falling back to the next one", RuntimeWarning, stacklevel=3)
+        if chosen is None:
+            chosen = _REGISTRY["reference"]
+    _CACHE[(device, backend)] = (chosen, tuple(skipped))
+    return chosen

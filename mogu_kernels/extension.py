@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 import torch
 
 from .dispatch import Backend, register_backend
-from .validation import accumulation_dtype
+from .validation import accumulation_dtype, check_mogu_linear_args
 
 try:
     from . import _C  # noqa: F401  (loading it registers the mogu_C ops)
@@ -44,6 +44,9 @@ if _C is not None:
 
     @torch.library.register_fake("mogu_C::mogu_linear")
     def _mogu_linear_fake(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows):
+        # The C++ kernels check their arguments; this one must too: a call with one tensor
+        # on the meta device dispatches here, and mogu_linear relies on the op to raise.
+        check_mogu_linear_args(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows)
         lead = x.shape[:-1]
         E, r, _ = lora_A.shape
         return (x.new_empty((*lead, weight.shape[0])), x.new_empty((*lead, E)),
@@ -69,7 +72,8 @@ def extension_mogu_linear(
     base_rows: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``mogu_linear`` through ``torch.ops.mogu_C.mogu_linear`` (the CPU or CUDA kernel by x's
-    device); arguments and result as in :func:`mogu_kernels.mogu_linear` (validated there)."""
+    device); arguments and result as in :func:`mogu_kernels.mogu_linear`. The op checks its
+    arguments itself (``checks_args=True``: mogu_linear words its errors only when it raised)."""
     if _C is None:
         raise RuntimeError(LOAD_ERROR)
     y, gates, _ = _FORWARD(x, weight, bias, lora_A, lora_B, router_weight, router_bias, float(scaling), base_rows)
@@ -93,9 +97,9 @@ def cuda_unavailable_reason() -> Optional[str]:
 
 register_backend(Backend(name="cpp", fn=extension_mogu_linear,
                          supports_device=lambda device: device.type == "cpu",
-                         unavailable_reason=cpp_unavailable_reason))
+                         unavailable_reason=cpp_unavailable_reason, checks_args=True))
 register_backend(Backend(name="cuda", fn=extension_mogu_linear,
                          supports_device=lambda device: device.type == "cuda",
-                         unavailable_reason=cuda_unavailable_reason))
+                         unavailable_reason=cuda_unavailable_reason, checks_args=True))
 
 __all__ = ["extension_mogu_linear", "cpp_unavailable_reason", "cuda_unavailable_reason", "LOAD_ERROR"]

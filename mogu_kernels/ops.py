@@ -1,4 +1,12 @@
-"""The public op ``mogu_linear``: validate, pick a backend, run it."""
+"""The public op ``mogu_linear``: pick a backend, validate, run it.
+
+The fixed cost of a call matters (a decode step calls it once per patched layer, at shapes
+where the kernel itself takes microseconds), so the common path is one cached backend
+look-up and one op call: backends whose op checks its own arguments (``Backend.checks_args``:
+the C++ extension's ``cpp`` and ``cuda``, whose TORCH_CHECKs cover the contract) skip the
+Python checks, which then run only when the op raised, to turn a contract violation into
+the documented ``ValueError`` naming the argument. Other backends are checked first.
+"""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -47,6 +55,16 @@ def mogu_linear(
     for arguments that break the contract (naming the argument) or an unknown backend,
     RuntimeError for a named backend that cannot run here.
     """
-    check_mogu_linear_args(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows)
+    if not isinstance(x, torch.Tensor):
+        check_mogu_linear_args(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows)
     impl = resolve_backend(x.device, backend)
+    if impl.checks_args and scaling.__class__ is float:
+        try:
+            return impl.fn(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows)
+        except Exception:
+            # A contract violation raises its documented ValueError here; any other failure
+            # (nothing wrong with the arguments) is the op's own error.
+            check_mogu_linear_args(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows)
+            raise
+    check_mogu_linear_args(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows)
     return impl.fn(x, weight, bias, lora_A, lora_B, router_weight, router_bias, float(scaling), base_rows)

@@ -164,3 +164,42 @@ def test_available_backends_without_a_device_lists_only_what_runs_here():
         pytest.skip("a CUDA device is present: triton runs here")
     assert "triton" not in available and "reference" in available
     assert "triton" in unavailable and "cpu" in unavailable["triton"]
+
+
+def test_checking_backends_run_no_python_checks_on_valid_calls(monkeypatch):
+    """Backends whose op checks its own arguments (checks_args: the C++ extension) get no
+    Python checks on a valid call, only after the op raised; others are checked first."""
+    from mogu_kernels import ops
+    calls = []
+    real = ops.check_mogu_linear_args
+    monkeypatch.setattr(ops, "check_mogu_linear_args", lambda *a: calls.append(1) or real(*a))
+    args = make_inputs(3, 16, 12, 4)
+    for name in CPU_BACKENDS:
+        calls.clear()
+        mogu_kernels.mogu_linear(*args, 2.0, backend=name)
+        checks_itself = mogu_kernels.dispatch.registered_backends()[name].checks_args
+        assert calls == ([] if checks_itself else [1]), name
+        bad = list(args)
+        bad[4] = bad[4][:, :-1]
+        with pytest.raises(ValueError, match="lora_B"):
+            mogu_kernels.mogu_linear(*bad, 2.0, backend=name)
+
+
+def test_backend_choice_follows_registry_changes(monkeypatch):
+    """The per-call backend choice is cached, but a replaced or newly unavailable backend is
+    seen on the next call."""
+    from mogu_kernels import dispatch
+    monkeypatch.delenv("MOGU_BACKEND", raising=False)
+    first = dispatch.resolve_backend("cpu")
+    assert dispatch.resolve_backend(torch.device("cpu")) is first
+    stand_in = dispatch.Backend(first.name, first.fn, lambda d: True)
+    monkeypatch.setitem(dispatch._REGISTRY, first.name, stand_in)
+    assert dispatch.resolve_backend("cpu") is stand_in
+    if first.name != "reference":
+        monkeypatch.setitem(dispatch._REGISTRY, first.name,
+                            dispatch.Backend(first.name, first.fn, lambda d: True, lambda: "switched off"))
+        with pytest.warns(RuntimeWarning, match="switched off"):
+            monkeypatch.setattr(dispatch, "_WARNED", set())
+            assert dispatch.resolve_backend("cpu").name == "reference"
+        monkeypatch.setitem(dispatch._REGISTRY, first.name, first)
+        assert dispatch.resolve_backend("cpu") is first
