@@ -15,7 +15,43 @@ def test_throughput_quick_writes_json(tmp_path, capsys):
     impls = {r["impl"] for r in data["rows"]}
     assert {"base", "published", "mogu:reference"} <= impls
     assert all(r["ratio_to_base"] > 0 for r in data["rows"])
+    assert {r["mode"] for r in data["rows"]} == {"warm", "model"}
+    assert all(r["min_ms"] <= r["ms"] <= r["max_ms"] for r in data["rows"])
+    assert {"F.linear", "mogu_linear"} <= {c["impl"] for c in data["call_cost"]}
+    assert "loadavg_start" in data["load"]
     assert "ratio to base" in capsys.readouterr().out
+
+
+def test_model_mode_walks_the_whole_stack_across_implementations():
+    """"model" timing: consecutive calls (whatever the implementation) take consecutive
+    layers, so a layer comes back only after every other layer was read; "warm" timing
+    reuses layer 0. Repetitions stop at the cap."""
+    import timing
+    log = []
+    impls = {name: [lambda name=name, i=i: log.append((name, i)) for i in range(5)] for name in ("a", "b", "c")}
+    res = timing.time_interleaved(impls, cold=True, min_time=0.0, warmup=0.0, min_repeats=4, max_repeats=4)
+    assert res["repeats"] == 4 and all(len(s) == 4 for s in res["samples"].values())
+    layers = [i for _, i in log]
+    assert layers == [k % 5 for k in range(len(layers))]
+    assert {name for name, _ in log} == {"a", "b", "c"}
+    log.clear()
+    res = timing.time_interleaved({k: v[:1] for k, v in impls.items()}, cold=False, min_time=0.0, warmup=0.0,
+                                  min_repeats=1, max_repeats=1)
+    assert res["repeats"] == 1 and {i for _, i in log} == {0}
+
+
+def test_load_warning(monkeypatch):
+    import timing
+    monkeypatch.setattr(timing, "_proc_stat_busy", lambda: None)
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    quiet = timing.LoadMonitor(threads=2)
+    quiet.stop()
+    assert quiet.start_warning() is None and quiet.warning() is None
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (3.5, 3.0, 2.0))
+    busy = timing.LoadMonitor(threads=2)
+    assert "load average 3.50" in busy.start_warning()
+    busy.stop()
+    assert "WARNING" in busy.warning() and "--threads 1" in busy.warning()
 
 
 def test_every_benchmarked_layer_computes_the_float64_spec():
