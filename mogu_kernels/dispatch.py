@@ -167,11 +167,20 @@ def resolve_backend(device: torch.device | str, backend: Optional[str] = None) -
         device = torch.device(device)
     source = "backend="
     if backend is None:
-        backend = _env_backend()
+        if _ENV_DATA is not None and os.environ is _ENVIRON:      # _env_backend(), inlined
+            raw = _ENV_DATA.get(_ENV_KEY)
+            backend = _ENVIRON.decodevalue(raw) if raw else None
+        else:
+            backend = _env_backend()
         source = f"${ENV_VAR}"
     hit = _CACHE.get((device, backend))
-    if hit is not None and _cache_valid(hit[0], hit[1], device):
-        return hit[0]
+    if hit is not None:
+        b, skipped = hit
+        if skipped:
+            if _cache_valid(b, skipped, device):
+                return b
+        elif _REGISTRY.get(b.name) is b and b.unavailable_reason() is None:   # _cache_valid, inlined
+            return b
     skipped: List[Tuple[str, Optional[Backend]]] = []
     if backend is not None:
         chosen = _explicit(backend, device, source)
