@@ -50,7 +50,8 @@ except ImportError as exc:  # the backend simply is not registered
 
 from .dispatch import Backend, register_backend
 from .reference import reference_mogu_linear
-from .triton_kernels import mogu_fused_kernel, mogu_gemm_expand_kernel, mogu_shrink_router_kernel
+from .triton_kernels import (EVEN_K_HEURISTIC, mogu_fused_kernel, mogu_gemm_expand_kernel,
+                             mogu_shrink_router_kernel)
 from .validation import accumulation_dtype
 
 # Whether the kernels above were created by the interpreter (@triton.jit decides at
@@ -156,7 +157,11 @@ class _Kernel:
     ``configs`` keyed on ``key`` (plus the tensor dtypes, which Triton adds); or, with
     MOGU_TRITON_AUTOTUNE=0, the first config that survives pruning. If the chosen config
     still runs out of shared memory, the smallest fallback config is used from then on
-    for that specialization."""
+    for that specialization.
+
+    The kernels' derived meta-parameters (``EVEN_K_HEURISTIC``: EVEN_K from K and the
+    config's BLOCK_K) are added by a ``triton.heuristics`` wrapper under the autotuner, and
+    by ``_meta`` wherever this class picks the config itself; ``_run`` gets the full meta."""
 
     def __init__(self, name, fn, configs, fallbacks, key, tile_rows, holds_shrink):
         self.name = name
@@ -165,28 +170,38 @@ class _Kernel:
         self.fallbacks = fallbacks
         self.prune = _make_pruner(tile_rows, holds_shrink, fallbacks)
         self._too_big: set = set()      # specializations where the pruned choice ran out of resources
+        self._positions = {n: i for i, n in enumerate(fn.arg_names)}
         # The kernels only write fresh outputs, so benchmarking needs no reset/restore.
-        self.tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": self.prune})(fn)
+        self.tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": self.prune})(
+            triton.heuristics(EVEN_K_HEURISTIC)(fn))
+
+    def _meta(self, cfg, args, meta):
+        """meta plus the heuristic meta-parameters for config ``cfg``."""
+        named = {**{n: args[i] for n, i in self._positions.items() if i < len(args)}, **meta, **cfg.kwargs}
+        return {**meta, **{name: rule(named) for name, rule in EVEN_K_HEURISTIC.items()}}
 
     def _run(self, cfg, grid, args, meta):
         self.fn[grid(cfg.kwargs)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def _run_config(self, cfg, grid, args, meta):
+        self._run(cfg, grid, args, self._meta(cfg, args, meta))
 
     def launch(self, grid, args, meta):
         """grid: meta-dict -> grid tuple; args: positional kernel args (x_ptr first)."""
         LAUNCHES[self.fn.__name__] += 1
         if INTERPRET:
-            return self._run(_INTERPRET_CONFIGS[self.name], grid, args, meta)
+            return self._run_config(_INTERPRET_CONFIGS[self.name], grid, args, meta)
         spec = (args[0].dtype, tuple(sorted(meta.items())))
         if spec in self._too_big:
-            return self._run(self.fallbacks[-1], grid, args, meta)
+            return self._run_config(self.fallbacks[-1], grid, args, meta)
         try:
             if os.environ.get(AUTOTUNE_ENV, "1") != "0":
                 self.tuned[grid](*args, **meta)
             else:
-                self._run(self.prune(self.configs, {"x_ptr": args[0]}, **meta)[0], grid, args, meta)
+                self._run_config(self.prune(self.configs, {"x_ptr": args[0]}, **meta)[0], grid, args, meta)
         except OutOfResources:
             self._too_big.add(spec)
-            self._run(self.fallbacks[-1], grid, args, meta)
+            self._run_config(self.fallbacks[-1], grid, args, meta)
 
 
 # Small-tile fallbacks (largest first) for specializations whose tiles overflow shared

@@ -34,7 +34,16 @@ Shared conventions: accumulation in fp32; the router logits are an fp32 broadcas
 is "ieee" for exact fp32 GEMMs ("tf32" when torch allows TF32, and for 16-bit inputs where
 it is Triton's no-op default); ``UPCAST_DOT`` converts dot operands to fp32 and exists
 only because the Triton interpreter's bf16 ``tl.dot`` multiplies raw bits (the launcher
-sets it only when interpreting bf16). Any K, N, R, E: every load is masked.
+sets it only when interpreting bf16). Any K, N, R, E: every load is masked on its row and
+column bounds.
+
+Shared pieces (the pattern of vLLM's LoRA ``kernel_utils``): the K loop is one
+``@triton.jit`` helper, ``_k_loop``, that every kernel calls with the products it needs
+(``DO_BASE``: x W^T; ``DO_SHRINK``: x S^T and the router logits), walking pointer tiles
+forward by BLOCK_K. ``EVEN_K`` (K % BLOCK_K == 0, set per launch by ``EVEN_K_HEURISTIC``)
+is its fast path: no ragged last K block, so the K loads carry only their loop-invariant
+row/column masks. The epilogue pieces (gates from logits, gate-sum row scale plus bias,
+one expand of rank-space-scaled shrink columns, the stores) are helpers too.
 """
 from __future__ import annotations
 
@@ -47,6 +56,17 @@ import triton.language as tl
 _ROW_COUNT_ARGS = ["M", "M_KEY"]
 
 
+def _even_k(meta) -> bool:
+    return meta["K"] % meta["BLOCK_K"] == 0
+
+
+# ``triton.heuristics`` values for every kernel here: EVEN_K follows from K and the chosen
+# BLOCK_K (autotuned), so it is derived per launch rather than passed by the caller. K is
+# fixed per layer and already in every autotuning key, so this adds no compiles.
+EVEN_K_HEURISTIC = {"EVEN_K": _even_k}
+
+
+# --------------------------------------------------------------------------- shared helpers
 @triton.jit
 def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """acc + a @ b with fp32 accumulation."""
@@ -54,6 +74,81 @@ def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _load_k_tile(ptrs, bounds_mask, k_mask, EVEN_K: tl.constexpr):
+    """One K-slice tile, zero outside the tensor. ``bounds_mask`` covers the rows/columns
+    (loop invariant); ``k_mask`` the ragged last K block, which EVEN_K rules out."""
+    if EVEN_K:
+        tile = tl.load(ptrs, mask=bounds_mask, other=0.0)
+    else:
+        tile = tl.load(ptrs, mask=bounds_mask & k_mask, other=0.0)
+    return tile
+
+
+@triton.jit
+def _k_loop(x_ptrs, x_mask, w_ptrs, w_mask, a_ptrs, a_mask, v_ptrs, v_mask, base, shrink, logits, K,
+            stride_xk, stride_wk, stride_ak, stride_rwk,
+            BLOCK_K: tl.constexpr, DO_BASE: tl.constexpr, DO_SHRINK: tl.constexpr, EVEN_K: tl.constexpr,
+            INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """The K loop of every kernel: each x tile is loaded once and feeds
+
+    * DO_BASE:   base   (BLOCK_M, BLOCK_N) += x_tile @ W^T tile         (tensor cores)
+    * DO_SHRINK: shrink (BLOCK_M, BLOCK_R) += x_tile @ S^T tile         (tensor cores)
+                 logits (BLOCK_M, BLOCK_E) += x_tile . v tile, exactly in fp32 (broadcast-reduce)
+
+    Pointer tiles are at k = 0: x (BLOCK_M, BLOCK_K), W^T (BLOCK_K, BLOCK_N), S^T
+    (BLOCK_K, BLOCK_R), v (BLOCK_E, BLOCK_K), with their row/column bounds masks. Operands
+    of a product that is off may be None. Returns (base, shrink, logits), fp32."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k_left = K - k0
+        x_tile = _load_k_tile(x_ptrs, x_mask, offs_k[None, :] < k_left, EVEN_K)
+        if DO_BASE:
+            w_tile = _load_k_tile(w_ptrs, w_mask, offs_k[:, None] < k_left, EVEN_K)
+            base = _mma(x_tile, w_tile, base, INPUT_PRECISION, UPCAST_DOT)
+            w_ptrs += BLOCK_K * stride_wk
+        if DO_SHRINK:
+            a_tile = _load_k_tile(a_ptrs, a_mask, offs_k[:, None] < k_left, EVEN_K)
+            shrink = _mma(x_tile, a_tile, shrink, INPUT_PRECISION, UPCAST_DOT)
+            v_tile = _load_k_tile(v_ptrs, v_mask, offs_k[None, :] < k_left, EVEN_K).to(tl.float32)
+            logits += tl.sum(x_tile.to(tl.float32)[:, None, :] * v_tile[None, :, :], axis=2)
+            a_ptrs += BLOCK_K * stride_ak
+            v_ptrs += BLOCK_K * stride_rwk
+        x_ptrs += BLOCK_K * stride_xk
+    return base, shrink, logits
+
+
+@triton.jit
+def _x_tile_ptrs(x_ptr, offs_m, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_K) pointers of x at k = 0."""
+    return x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :] * stride_xk
+
+
+@triton.jit
+def _w_tile_ptrs(w_ptr, offs_n, stride_wn, stride_wk, BLOCK_K: tl.constexpr):
+    """(BLOCK_K, BLOCK_N) pointers of W^T at k = 0."""
+    return w_ptr + offs_n[None, :] * stride_wn + tl.arange(0, BLOCK_K)[:, None] * stride_wk
+
+
+@triton.jit
+def _shrink_tile_ptrs(a_ptr, offs_c, stride_ae, stride_ar, stride_ak, R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_K, BLOCK_R) pointers of S^T at k = 0: stacked column c = e*R + j is A[e, j, :]."""
+    return (a_ptr + ((offs_c // R) * stride_ae + (offs_c % R) * stride_ar)[None, :]
+            + tl.arange(0, BLOCK_K)[:, None] * stride_ak)
+
+
+@triton.jit
+def _router_tile_ptrs(rw_ptr, offs_e, stride_rwe, stride_rwk, BLOCK_K: tl.constexpr):
+    """(BLOCK_E, BLOCK_K) pointers of the router vectors v at k = 0."""
+    return rw_ptr + offs_e[:, None] * stride_rwe + tl.arange(0, BLOCK_K)[None, :] * stride_rwk
+
+
+@triton.jit
+def _expand_tile_ptrs(b_ptr, offs_c, offs_n, stride_be, stride_bn, stride_br, R: tl.constexpr):
+    """Pointers of the (BLOCK_C, BLOCK_N) tile of [B_0 | ...]^T: row c = e*R + j is B[e, :, j]."""
+    return b_ptr + ((offs_c // R) * stride_be + (offs_c % R) * stride_br)[:, None] + offs_n[None, :] * stride_bn
 
 
 @triton.jit
@@ -67,6 +162,13 @@ def _base_row_flags(base_ptr, offs_m, m_mask, HAS_BASE_ROWS: tl.constexpr):
 
 
 @triton.jit
+def _gates_from_logits(logits, rb_ptr, offs_e, e_valid, stride_rb):
+    """g = sigmoid(x v^T + c), fp32 (BLOCK_M, BLOCK_E)."""
+    rb = tl.load(rb_ptr + offs_e * stride_rb, mask=e_valid, other=0.0).to(tl.float32)
+    return tl.sigmoid(logits + rb[None, :])
+
+
+@triton.jit
 def _mix_and_gate_sum(gates, is_base, e_valid):
     """mix (BLOCK_M, BLOCK_E): gates, zeroed on base rows and padding columns;
     gate_sum (BLOCK_M,): sum of mix, or exactly 1 on base rows."""
@@ -77,23 +179,31 @@ def _mix_and_gate_sum(gates, is_base, e_valid):
 
 
 @triton.jit
-def _router_logits_step(logits, x_tile, rw_ptr, offs_e, e_valid, offs_k, k_mask, stride_rwe, stride_rwk):
-    """logits (BLOCK_M, BLOCK_E) += x_tile (BLOCK_M, BLOCK_K) . v^T, exactly in fp32."""
-    v = tl.load(rw_ptr + offs_e[:, None] * stride_rwe + offs_k[None, :] * stride_rwk,
-                mask=e_valid[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-    return logits + tl.sum(x_tile.to(tl.float32)[:, None, :] * v[None, :, :], axis=2)
+def _scale_base(acc, gate_sum, bias_ptr, offs_n, n_mask, HAS_BIAS: tl.constexpr):
+    """Epilogue, base part: gs * (x W^T + b) from acc = x W^T."""
+    acc = acc * gate_sum[:, None]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += gate_sum[:, None] * bias[None, :]
+    return acc
 
 
 @triton.jit
-def _shrink_tile_ptrs(a_ptr, offs_c, offs_k, stride_ae, stride_ar, stride_ak, R: tl.constexpr):
-    """Pointers of the (BLOCK_K, BLOCK_R) tile of S^T: stacked column c = e*R + j is A[e, j, :]."""
-    return a_ptr + ((offs_c // R) * stride_ae + (offs_c % R) * stride_ar)[None, :] + offs_k[:, None] * stride_ak
+def _add_expand(acc, z, col_gate, scaling, b_ptr, offs_c, c_valid, offs_n, n_mask,
+                stride_be, stride_bn, stride_br, R: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Epilogue, expert part: acc + [s * col_gate * z] @ [B_0 | ...]^T over the stacked
+    columns offs_c (col_gate: the mix of column c's expert c // R, 0 on base rows)."""
+    scaled = (z * col_gate * scaling).to(b_ptr.dtype.element_ty)
+    b_tile = tl.load(_expand_tile_ptrs(b_ptr, offs_c, offs_n, stride_be, stride_bn, stride_br, R),
+                     mask=c_valid[:, None] & n_mask[None, :], other=0.0)
+    return _mma(scaled, b_tile, acc, INPUT_PRECISION, UPCAST_DOT)
 
 
 @triton.jit
-def _expand_tile_ptrs(b_ptr, offs_c, offs_n, stride_be, stride_bn, stride_br, R: tl.constexpr):
-    """Pointers of the (BLOCK_C, BLOCK_N) tile of [B_0 | ...]^T: row c = e*R + j is B[e, :, j]."""
-    return b_ptr + ((offs_c // R) * stride_be + (offs_c % R) * stride_br)[:, None] + offs_n[None, :] * stride_bn
+def _store_y(acc, y_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, stride_yn):
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -108,6 +218,7 @@ def _store_gates_and_saved(gates, shrink, gates_ptr, saved_ptr, offs_m, m_mask, 
              mask=m_mask[:, None] & (offs_c < ER)[None, :])
 
 
+# --------------------------------------------------------------------------- kernels
 @triton.jit(do_not_specialize=_ROW_COUNT_ARGS)
 def mogu_fused_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, rw_ptr, rb_ptr, base_ptr,
@@ -120,7 +231,7 @@ def mogu_fused_kernel(
     E: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BASE_ROWS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """One launch: grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)). M_KEY only keys the autotuner.
 
@@ -138,47 +249,32 @@ def mogu_fused_kernel(
     c_valid = offs_c < ER
     e_valid = offs_e < E
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)        # x W^T
-    shrink = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)     # x S^T
-    logits = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)     # x v^T
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w_tile = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                         mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = _mma(x_tile, w_tile, acc, INPUT_PRECISION, UPCAST_DOT)
-        a_tile = tl.load(_shrink_tile_ptrs(a_ptr, offs_c, offs_k, stride_ae, stride_ar, stride_ak, R),
-                         mask=c_valid[None, :] & k_mask[:, None], other=0.0)
-        shrink = _mma(x_tile, a_tile, shrink, INPUT_PRECISION, UPCAST_DOT)
-        logits = _router_logits_step(logits, x_tile, rw_ptr, offs_e, e_valid, offs_k, k_mask, stride_rwe, stride_rwk)
+    acc, shrink, logits = _k_loop(
+        _x_tile_ptrs(x_ptr, offs_m, stride_xm, stride_xk, BLOCK_K), m_mask[:, None],
+        _w_tile_ptrs(w_ptr, offs_n, stride_wn, stride_wk, BLOCK_K), n_mask[None, :],
+        _shrink_tile_ptrs(a_ptr, offs_c, stride_ae, stride_ar, stride_ak, R, BLOCK_K), c_valid[None, :],
+        _router_tile_ptrs(rw_ptr, offs_e, stride_rwe, stride_rwk, BLOCK_K), e_valid[:, None],
+        tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),       # x W^T
+        tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),       # x S^T
+        tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32),       # x v^T
+        K, stride_xk, stride_wk, stride_ak, stride_rwk,
+        BLOCK_K, True, True, EVEN_K, INPUT_PRECISION, UPCAST_DOT)
 
-    # Gates in fp32.
-    rb = tl.load(rb_ptr + offs_e * stride_rb, mask=e_valid, other=0.0).to(tl.float32)
-    gates = tl.sigmoid(logits + rb[None, :])
+    gates = _gates_from_logits(logits, rb_ptr, offs_e, e_valid, stride_rb)
     is_base = _base_row_flags(base_ptr, offs_m, m_mask, HAS_BASE_ROWS)
     mix, gate_sum = _mix_and_gate_sum(gates, is_base, e_valid)
-
-    # Base part: gs * (x W^T + b).
-    acc = acc * gate_sum[:, None]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += gate_sum[:, None] * bias[None, :]
+    acc = _scale_base(acc, gate_sum, bias_ptr, offs_n, n_mask, HAS_BIAS)
 
     # Rank-space gating: column c of the shrink belongs to expert c // R.
-    col_scale = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    col_gate = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for e in tl.static_range(E):
         mix_e = tl.sum(tl.where(offs_e[None, :] == e, mix, 0.0), axis=1)
-        col_scale += tl.where((offs_c // R == e)[None, :], mix_e[:, None], 0.0)
-    scaled = (shrink * col_scale * scaling).to(b_ptr.dtype.element_ty)
+        col_gate += tl.where((offs_c // R == e)[None, :], mix_e[:, None], 0.0)
     # ONE expand with [B_0 | ... | B_{E-1}] adds every expert's delta.
-    b_tile = tl.load(_expand_tile_ptrs(b_ptr, offs_c, offs_n, stride_be, stride_bn, stride_br, R),
-                     mask=c_valid[:, None] & n_mask[None, :], other=0.0)
-    acc = _mma(scaled, b_tile, acc, INPUT_PRECISION, UPCAST_DOT)
+    acc = _add_expand(acc, shrink, col_gate, scaling, b_ptr, offs_c, c_valid, offs_n, n_mask,
+                      stride_be, stride_bn, stride_br, R, INPUT_PRECISION, UPCAST_DOT)
 
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    _store_y(acc, y_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, stride_yn)
     if pid_n == 0:  # gates and saved are per row: written once, by the first column of tiles
         _store_gates_and_saved(gates, shrink, gates_ptr, saved_ptr, offs_m, m_mask, offs_e, e_valid, offs_c,
                                stride_gm, stride_ge, stride_sm, ER)
@@ -192,7 +288,7 @@ def mogu_shrink_router_kernel(
     stride_rwe, stride_rwk, stride_rb, stride_gm, stride_ge, stride_sm,
     E: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Split path, step 1: grid (cdiv(M, BLOCK_M),). Writes gates (x dtype) and saved."""
     ER: tl.constexpr = E * R
@@ -204,20 +300,18 @@ def mogu_shrink_router_kernel(
     c_valid = offs_c < ER
     e_valid = offs_e < E
 
-    shrink = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    logits = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        a_tile = tl.load(_shrink_tile_ptrs(a_ptr, offs_c, offs_k, stride_ae, stride_ar, stride_ak, R),
-                         mask=c_valid[None, :] & k_mask[:, None], other=0.0)
-        shrink = _mma(x_tile, a_tile, shrink, INPUT_PRECISION, UPCAST_DOT)
-        logits = _router_logits_step(logits, x_tile, rw_ptr, offs_e, e_valid, offs_k, k_mask, stride_rwe, stride_rwk)
+    _, shrink, logits = _k_loop(
+        _x_tile_ptrs(x_ptr, offs_m, stride_xm, stride_xk, BLOCK_K), m_mask[:, None],
+        None, None,
+        _shrink_tile_ptrs(a_ptr, offs_c, stride_ae, stride_ar, stride_ak, R, BLOCK_K), c_valid[None, :],
+        _router_tile_ptrs(rw_ptr, offs_e, stride_rwe, stride_rwk, BLOCK_K), e_valid[:, None],
+        None,
+        tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
+        tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32),
+        K, stride_xk, 0, stride_ak, stride_rwk,
+        BLOCK_K, False, True, EVEN_K, INPUT_PRECISION, UPCAST_DOT)
 
-    rb = tl.load(rb_ptr + offs_e * stride_rb, mask=e_valid, other=0.0).to(tl.float32)
-    gates = tl.sigmoid(logits + rb[None, :])
+    gates = _gates_from_logits(logits, rb_ptr, offs_e, e_valid, stride_rb)
     _store_gates_and_saved(gates, shrink, gates_ptr, saved_ptr, offs_m, m_mask, offs_e, e_valid, offs_c,
                            stride_gm, stride_ge, stride_sm, ER)
 
@@ -232,6 +326,7 @@ def mogu_gemm_expand_kernel(
     HAS_BIAS: tl.constexpr, HAS_BASE_ROWS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """Split path, step 2: grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), grouped by GROUP_M
     rows of tiles for L2 reuse of W. The epilogue reads z and the gates from ``saved`` and
@@ -254,24 +349,19 @@ def mogu_gemm_expand_kernel(
     n_mask = offs_n < N
     e_valid = offs_e < E
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w_tile = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                         mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = _mma(x_tile, w_tile, acc, INPUT_PRECISION, UPCAST_DOT)
+    acc, _, _ = _k_loop(
+        _x_tile_ptrs(x_ptr, offs_m, stride_xm, stride_xk, BLOCK_K), m_mask[:, None],
+        _w_tile_ptrs(w_ptr, offs_n, stride_wn, stride_wk, BLOCK_K), n_mask[None, :],
+        None, None, None, None,
+        tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), None, None,
+        K, stride_xk, stride_wk, 0, 0,
+        BLOCK_K, True, False, EVEN_K, INPUT_PRECISION, UPCAST_DOT)
 
     saved_rows = saved_ptr + offs_m[:, None] * stride_sm
     gates = tl.load(saved_rows + ER + offs_e[None, :], mask=m_mask[:, None] & e_valid[None, :], other=0.0)
     is_base = _base_row_flags(base_ptr, offs_m, m_mask, HAS_BASE_ROWS)
     _, gate_sum = _mix_and_gate_sum(gates, is_base, e_valid)
-    acc = acc * gate_sum[:, None]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += gate_sum[:, None] * bias[None, :]
+    acc = _scale_base(acc, gate_sum, bias_ptr, offs_n, n_mask, HAS_BIAS)
 
     for c0 in range(0, ER, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -281,10 +371,7 @@ def mogu_gemm_expand_kernel(
         g = tl.load(saved_rows + ER + (offs_c // R)[None, :], mask=zc_mask, other=0.0)   # gate of column c
         if HAS_BASE_ROWS:
             g = tl.where(is_base[:, None], 0.0, g)
-        scaled = (z * g * scaling).to(b_ptr.dtype.element_ty)
-        b_tile = tl.load(_expand_tile_ptrs(b_ptr, offs_c, offs_n, stride_be, stride_bn, stride_br, R),
-                         mask=c_valid[:, None] & n_mask[None, :], other=0.0)
-        acc = _mma(scaled, b_tile, acc, INPUT_PRECISION, UPCAST_DOT)
+        acc = _add_expand(acc, z, g, scaling, b_ptr, offs_c, c_valid, offs_n, n_mask,
+                          stride_be, stride_bn, stride_br, R, INPUT_PRECISION, UPCAST_DOT)
 
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    _store_y(acc, y_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, stride_yn)

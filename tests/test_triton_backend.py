@@ -128,6 +128,56 @@ def test_router_in_another_dtype_and_empty_input():
     assert y.shape == (0, 24) and gates.shape == (0, 2)
 
 
+# ----------------------------------------------------------------------------- K blocking
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("K,even", [(256, True), (200, False)], ids=["even_k", "ragged_k"])
+def test_even_k_fast_path_and_ragged_k(K, even, path, monkeypatch):
+    """The shared K loop's two variants against the spec: K a multiple of every BLOCK_K
+    (EVEN_K, unmasked K loads) and K = 200, never a multiple of a BLOCK_K (masked last
+    block); both with base rows, a strided K layout and M, N off the tile sizes. Every
+    launch must have taken the variant its K and BLOCK_K call for."""
+    seen = []
+    run = triton_backend._Kernel._run
+
+    def spy(self, cfg, grid, args, meta):
+        seen.append((self.fn.__name__, meta["EVEN_K"], K % cfg.kwargs["BLOCK_K"] == 0))
+        return run(self, cfg, grid, args, meta)
+    monkeypatch.setattr(triton_backend._Kernel, "_run", spy)
+    for dtype in (torch.float32, torch.float16):
+        args = _inputs(37, K, 50, 8, 2, True, dtype, "noncontig", seed=K)
+        base_rows = random_base_rows(args[0], seed=K)
+        y, gates = triton_backend.triton_mogu_linear(*args, SCALING, base_rows, path=path)
+        y_ref, g_ref = spec_mogu_linear(*args, SCALING, base_rows)
+        assert rel_err(y, y_ref) < TOL[dtype] and rel_err(gates, g_ref) < TOL[dtype], dtype
+    kernels = {"fused": {"mogu_fused_kernel"}, "split": {"mogu_shrink_router_kernel", "mogu_gemm_expand_kernel"}}
+    assert {name for name, _, _ in seen} == kernels[path], seen
+    assert all(flag == even and flag == derived for _, flag, derived in seen), seen
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests run the real autotuner")
+@pytest.mark.parametrize("K,even", [(64, True), (70, False)], ids=["even_k", "ragged_k"])
+def test_autotuned_launch_derives_even_k(K, even, monkeypatch):
+    """The GPU's default launch goes through triton.autotune, where EVEN_K comes from the
+    triton.heuristics wrapper rather than from _Kernel: run that path on the interpreter
+    with a one-config autotuner (nothing to benchmark) and check EVEN_K and the result."""
+    cfg = triton_backend._INTERPRET_CONFIGS["fused"]
+    kernel = triton_backend._Kernel("fused", triton_backend.mogu_fused_kernel, [cfg], [cfg],
+                                    ["M_KEY", "N", "K", "BLOCK_R"], lambda m, r: 1, True)
+    seen = []
+    jit_fn = kernel.tuned.fn.fn
+    run = jit_fn.run
+    monkeypatch.setattr(jit_fn, "run", lambda *a, **kw: seen.append(kw["EVEN_K"]) or run(*a, **kw))
+    monkeypatch.setattr(triton_backend, "_fused_decode", kernel)
+    monkeypatch.setattr(triton_backend, "INTERPRET", False)       # take the GPU's launch path
+    monkeypatch.setattr(triton_backend, "_check_runnable", lambda x: None)
+    monkeypatch.setenv(triton_backend.AUTOTUNE_ENV, "1")
+    args = _inputs(5, K, 40, 4, 2, True, torch.float32, "2d", seed=K)
+    y, gates = triton_backend.triton_mogu_linear(*args, SCALING, path="fused")
+    y_ref, g_ref = spec_mogu_linear(*args, SCALING)
+    assert seen == [even]
+    assert rel_err(y, y_ref) < TOL[torch.float32] and rel_err(gates, g_ref) < TOL[torch.float32]
+
+
 # ----------------------------------------------------------------------------- base rows
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("path", ["fused", "split"])

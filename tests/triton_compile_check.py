@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     for fn, cfg, kargs, meta in launches:
         sig, consts, attrs = _specialize(fn, kargs, {**meta, **cfg.kwargs})
         label = (f"{fn.__name__:<27} {sig['x_ptr'][1:]:<5} E={meta['E']} R={meta['R']:<4} "
-                 f"{' '.join(f'{k}={v}' for k, v in cfg.kwargs.items())} w{cfg.num_warps} s{cfg.num_stages}")
+                 f"{' '.join(f'{k}={v}' for k, v in cfg.kwargs.items())} EVEN_K={int(meta['EVEN_K'])} "
+                 f"w{cfg.num_warps} s{cfg.num_stages}")
         t0 = time.time()
         try:
             kernel = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
