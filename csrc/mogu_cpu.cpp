@@ -31,7 +31,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "mogu_ops.h"
+#include "mogu_entry.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define MOGU_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -320,57 +320,30 @@ MOGU_CPU_KERNELS(c10::Half, float)
 MOGU_CPU_KERNELS(c10::BFloat16, float)
 #undef MOGU_CPU_KERNELS
 
-// t itself when it is already contiguous in dtype (no dispatcher round trip: decode calls are
-// short enough for that to matter), else a contiguous copy in dtype.
-Tensor dense(const Tensor& t, at::ScalarType dtype) {
-  return (t.scalar_type() == dtype && t.is_contiguous()) ? t : t.to(dtype).contiguous();
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> mogu_linear_cpu(
     const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
     const Tensor& lora_B, const Tensor& router_weight, const Tensor& router_bias, double scaling,
     const std::optional<Tensor>& base_rows) {
-  const MoguDims d = check_args(x, weight, bias, lora_A, lora_B, router_weight, router_bias, base_rows,
-                                "mogu_linear[cpu]");
-  const int64_t M = d.M, K = d.K, N = d.N, E = d.E, R = d.R, ER = d.ER;
-  const auto acc = acc_dtype(x.scalar_type());
-  const auto lead = x.sizes().slice(0, x.dim() - 1);
-  auto with_last = [&](int64_t last) {
-    std::vector<int64_t> shape(lead.begin(), lead.end());
-    shape.push_back(last);
-    return shape;
-  };
-
-  Tensor y = at::empty({M, N}, x.options());
-  Tensor gates = at::empty({M, E}, x.options());
-  Tensor saved = at::empty({M, ER + E}, x.options().dtype(acc));
+  ForwardCall f = prepare_forward(x, weight, bias, lora_A, lora_B, router_weight, router_bias, base_rows,
+                                  c10::DeviceType::CPU, "mogu_linear[cpu]");
+  const int64_t M = f.d.M, K = f.d.K, N = f.d.N, E = f.d.E, R = f.d.R, ER = f.d.ER;
   if (M > 0) {
-    Tensor x2 = x.reshape({M, K});
-    if (x2.stride(1) != 1) x2 = x2.contiguous();  // rows may be strided, K must be unit-stride
-    const Tensor A = dense(lora_A, x.scalar_type());  // (E, r, K) read as (Er, K)
-    const Tensor B = dense(lora_B, x.scalar_type());
-    const Tensor v = dense(router_weight, acc);
-    const Tensor c = dense(router_bias, acc);
-    const Tensor b = bias.has_value() ? dense(*bias, x.scalar_type()) : Tensor();
-    const Tensor br = base_rows.has_value() ? dense(*base_rows, at::kBool) : Tensor();  // read as (M,)
-    const bool* br_ptr = br.defined() ? br.const_data_ptr<bool>() : nullptr;
-    const int64_t ldx = x2.stride(0);
-    Tensor logits = at::empty({M, E}, x.options().dtype(acc));
+    const bool* br_ptr = f.base_rows.defined() ? f.base_rows.const_data_ptr<bool>() : nullptr;
+    const int64_t ldx = f.x2.stride(0);
 
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mogu_linear_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* x_ptr = x2.const_data_ptr<scalar_t>();
-      const scalar_t* A_ptr = A.const_data_ptr<scalar_t>();
-      const scalar_t* B_ptr = B.const_data_ptr<scalar_t>();
-      const scalar_t* b_ptr = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-      const acc_t* v_ptr = v.const_data_ptr<acc_t>();
-      const acc_t* c_ptr = c.const_data_ptr<acc_t>();
-      scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
-      scalar_t* gates_ptr = gates.mutable_data_ptr<scalar_t>();
-      acc_t* saved_ptr = saved.mutable_data_ptr<acc_t>();
-      acc_t* logits_ptr = logits.mutable_data_ptr<acc_t>();
+    MOGU_DISPATCH_FLOATING(x.scalar_type(), "mogu_linear_cpu", [&] {
+      const scalar_t* x_ptr = f.x2.const_data_ptr<scalar_t>();
+      const scalar_t* A_ptr = f.A.const_data_ptr<scalar_t>();
+      const scalar_t* B_ptr = f.B.const_data_ptr<scalar_t>();
+      const scalar_t* b_ptr = f.bias.defined() ? f.bias.const_data_ptr<scalar_t>() : nullptr;
+      const acc_t* v_ptr = f.v.const_data_ptr<acc_t>();
+      const acc_t* c_ptr = f.c.const_data_ptr<acc_t>();
+      scalar_t* y_ptr = f.y.mutable_data_ptr<scalar_t>();
+      scalar_t* gates_ptr = f.gates.mutable_data_ptr<scalar_t>();
+      acc_t* saved_ptr = f.saved.mutable_data_ptr<acc_t>();
+      acc_t* logits_ptr = f.logits.mutable_data_ptr<acc_t>();
       const acc_t s = static_cast<acc_t>(scaling);
 
       // (a), parallel over (row group, stacked-row chunk) units. Tasks hold whole
@@ -391,7 +364,7 @@ std::tuple<Tensor, Tensor, Tensor> mogu_linear_cpu(
       });
 
       // (b), the base product.
-      at::mm_out(y, x2, weight.t());
+      at::mm_out(f.y, f.x2, weight.t());
 
       // (c), parallel over (row block, column chunk) tiles of y.
       const int64_t row_blocks = (M + kRowBlock - 1) / kRowBlock;
@@ -411,7 +384,7 @@ std::tuple<Tensor, Tensor, Tensor> mogu_linear_cpu(
       });
     });
   }
-  return {y.view(with_last(N)), gates.view(with_last(E)), saved.view(with_last(ER + E))};
+  return f.outputs();
 }
 
 }  // namespace mogu

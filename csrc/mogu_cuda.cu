@@ -29,7 +29,7 @@
 
 #include <cuda_runtime.h>
 
-#include "mogu_ops.h"
+#include "mogu_entry.h"
 
 namespace mogu {
 namespace {
@@ -193,23 +193,22 @@ __global__ void __launch_bounds__(kThreads) gate_expand_kernel(
 }
 
 template <typename scalar_t, typename acc_t, int ROWS>
-void launch_kernels(const Tensor& x2, const Tensor& A, const Tensor& v, const Tensor& c, const Tensor& br,
-                    const Tensor& B, const Tensor& bias, const MoguDims& d, double scaling, Tensor& y,
-                    Tensor& gates, Tensor& saved, Tensor& logits, cudaStream_t stream) {
+void launch_kernels(const ForwardCall& f, double scaling, cudaStream_t stream) {
+  const MoguDims& d = f.d;
   const int E = static_cast<int>(d.E), R = static_cast<int>(d.R);
   const unsigned row_blocks = static_cast<unsigned>((d.M + ROWS - 1) / ROWS);
   const dim3 shrink_grid(row_blocks, static_cast<unsigned>((d.ER + d.E + kChunk - 1) / kChunk));
   shrink_router_kernel<scalar_t, acc_t, ROWS><<<shrink_grid, kThreads, 0, stream>>>(
-      x2.const_data_ptr<scalar_t>(), x2.stride(0), d.M, d.K, A.const_data_ptr<scalar_t>(),
-      v.const_data_ptr<acc_t>(), E, R, saved.mutable_data_ptr<acc_t>(), logits.mutable_data_ptr<acc_t>());
+      f.x2.const_data_ptr<scalar_t>(), f.x2.stride(0), d.M, d.K, f.A.const_data_ptr<scalar_t>(),
+      f.v.const_data_ptr<acc_t>(), E, R, f.saved.mutable_data_ptr<acc_t>(), f.logits.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const dim3 expand_grid(row_blocks, static_cast<unsigned>((d.N + kThreads - 1) / kThreads));
   const size_t expand_smem = static_cast<size_t>(ROWS) * (d.ER + 1 + d.E) * sizeof(acc_t);
   gate_expand_kernel<scalar_t, acc_t, ROWS><<<expand_grid, kThreads, expand_smem, stream>>>(
-      y.mutable_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-      B.const_data_ptr<scalar_t>(), logits.const_data_ptr<acc_t>(), c.const_data_ptr<acc_t>(),
-      br.defined() ? br.const_data_ptr<bool>() : nullptr, saved.mutable_data_ptr<acc_t>(),
-      gates.mutable_data_ptr<scalar_t>(), d.M, d.N, E, R, static_cast<acc_t>(scaling));
+      f.y.mutable_data_ptr<scalar_t>(), f.bias.defined() ? f.bias.const_data_ptr<scalar_t>() : nullptr,
+      f.B.const_data_ptr<scalar_t>(), f.logits.const_data_ptr<acc_t>(), f.c.const_data_ptr<acc_t>(),
+      f.base_rows.defined() ? f.base_rows.const_data_ptr<bool>() : nullptr, f.saved.mutable_data_ptr<acc_t>(),
+      f.gates.mutable_data_ptr<scalar_t>(), d.M, d.N, E, R, static_cast<acc_t>(scaling));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -219,48 +218,27 @@ std::tuple<Tensor, Tensor, Tensor> mogu_linear_cuda(
     const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
     const Tensor& lora_B, const Tensor& router_weight, const Tensor& router_bias, double scaling,
     const std::optional<Tensor>& base_rows) {
-  const MoguDims d = check_args(x, weight, bias, lora_A, lora_B, router_weight, router_bias, base_rows,
-                                "mogu_linear[cuda]");
-  TORCH_CHECK(x.is_cuda(), "mogu_linear[cuda]: x must be a CUDA tensor");
+  ForwardCall f = prepare_forward(x, weight, bias, lora_A, lora_B, router_weight, router_bias, base_rows,
+                                  c10::DeviceType::CUDA, "mogu_linear[cuda]");
+  const MoguDims& d = f.d;
   TORCH_CHECK(d.ER + 1 + d.E <= static_cast<int64_t>(kMaxDynamicSmem / sizeof(double)),
               "mogu_linear[cuda]: E * (r + 1) + 1 = ", d.ER + 1 + d.E, " exceeds what this kernel supports (",
               kMaxDynamicSmem / sizeof(double), ")");
   TORCH_CHECK((d.N + kThreads - 1) / kThreads <= 65535, "mogu_linear[cuda]: N = ", d.N, " is too large");
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  const auto acc = acc_dtype(x.scalar_type());
-  const auto lead = x.sizes().slice(0, x.dim() - 1);
-  auto with_last = [&](int64_t last) {
-    std::vector<int64_t> shape(lead.begin(), lead.end());
-    shape.push_back(last);
-    return shape;
-  };
-
-  Tensor y = at::empty({d.M, d.N}, x.options());
-  Tensor gates = at::empty({d.M, d.E}, x.options());
-  Tensor saved = at::empty({d.M, d.ER + d.E}, x.options().dtype(acc));
   if (d.M > 0) {
-    Tensor x2 = x.reshape({d.M, d.K});
-    if (x2.stride(1) != 1) x2 = x2.contiguous();
-    at::mm_out(y, x2, weight.t());  // step 1: the base product, cuBLAS
-    const Tensor A = lora_A.reshape({d.ER, d.K}).contiguous();
-    const Tensor B = lora_B.contiguous();
-    const Tensor v = router_weight.to(acc).contiguous();
-    const Tensor c = router_bias.to(acc).contiguous();
-    const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
-    const Tensor br = base_rows.has_value() ? base_rows->reshape({d.M}).contiguous() : Tensor();
-    Tensor logits = at::empty({d.M, d.E}, x.options().dtype(acc));
+    const c10::cuda::CUDAGuard device_guard(x.device());
+    at::mm_out(f.y, f.x2, weight.t());  // step 1: the base product, cuBLAS
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mogu_linear_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+    MOGU_DISPATCH_FLOATING(x.scalar_type(), "mogu_linear_cuda", [&] {
       const bool many_rows = d.M >= 32 && 8 * (d.ER + 1 + d.E) * sizeof(acc_t) <= kMaxDynamicSmem;
       if (many_rows) {
-        launch_kernels<scalar_t, acc_t, 8>(x2, A, v, c, br, B, b, d, scaling, y, gates, saved, logits, stream);
+        launch_kernels<scalar_t, acc_t, 8>(f, scaling, stream);
       } else {
-        launch_kernels<scalar_t, acc_t, 1>(x2, A, v, c, br, B, b, d, scaling, y, gates, saved, logits, stream);
+        launch_kernels<scalar_t, acc_t, 1>(f, scaling, stream);
       }
     });
   }
-  return {y.view(with_last(d.N)), gates.view(with_last(d.E)), saved.view(with_last(d.ER + d.E))};
+  return f.outputs();
 }
 
 }  // namespace mogu

@@ -57,7 +57,8 @@ struct MoguDims {
 // TORCH_CHECKs the op's arguments (shapes, dtypes, devices) so that the kernels may index
 // raw pointers safely even when the op is called directly through torch.ops, and returns the
 // sizes. router_bias is None for the backward (which only needs its dtype). ``where`` names
-// the kernel in error messages.
+// the kernel in error messages. Defined in mogu_entry.cpp; the forwards reach it through
+// prepare_forward (mogu_entry.h), their shared entry preamble.
 MoguDims check_args(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                     const Tensor& lora_A, const Tensor& lora_B, const Tensor& router_weight,
                     const std::optional<Tensor>& router_bias, const std::optional<Tensor>& base_rows,

@@ -232,6 +232,36 @@ def test_op_rejects_bad_shapes_when_called_directly():
         torch.ops.mogu_C.mogu_linear(x, w, b, A, B[:, :-1], rw, rb, 2.0, None)
     with pytest.raises(RuntimeError, match="base_rows"):
         torch.ops.mogu_C.mogu_linear(x, w, b, A, B, rw, rb, 2.0, torch.ones(4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match=r"mogu_linear\[cpu\]: x must be fp32, fp16, bf16 or fp64"):
+        torch.ops.mogu_C.mogu_linear(x.to(torch.int32), w, b, A, B, rw, rb, 2.0, None)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_op_lays_out_strided_operands_itself(dtype):
+    """The forward's entry preamble (csrc/mogu_entry.cpp), called directly: strided views of
+    every parameter, a bf16 router (fp32 gate math), a strided bias and base-row mask and an
+    x that is not viewable as (M, K) give the float64 spec's result."""
+    x, w, b, A, B, rw, rb = make_args(37, 40, 30, 4, 2, layout="transposed", dtype=dtype, seed=17)
+    base_rows = random_base_rows(x, seed=17)
+    views = dict(
+        w=w.t().contiguous().t(),
+        b=torch.stack([b, b], 1)[:, 0],
+        A=A.permute(2, 0, 1).contiguous().permute(1, 2, 0),
+        B=B.permute(1, 2, 0).contiguous().permute(2, 0, 1),
+        rw=rw.to(torch.bfloat16).t().contiguous().t(),
+        rb=torch.stack([rb, rb], 1).to(torch.bfloat16)[:, 0],
+        base_rows=base_rows.t().contiguous().t(),
+    )
+    assert not any(t.is_contiguous() for t in views.values())
+    v = views
+    y, gates, saved = torch.ops.mogu_C.mogu_linear(x, v["w"], v["b"], v["A"], v["B"], v["rw"], v["rb"], 1.5,
+                                                   v["base_rows"])
+    y_ref, g_ref = spec_mogu_linear(x, w, b, A, B, v["rw"], v["rb"], 1.5, base_rows)
+    assert y.shape == y_ref.shape and gates.shape == g_ref.shape and saved.shape == (*x.shape[:-1], 2 * 4 + 2)
+    assert y.dtype == dtype and gates.dtype == dtype and saved.dtype == torch.float32
+    assert rel_err(y, y_ref) < FWD_TOL[dtype] and rel_err(gates, g_ref) < FWD_TOL[dtype]
+    assert rel_err(saved[..., 8:], g_ref) < FWD_TOL[torch.float32]
 
 
 # ----------------------------------------------------------------------------- backward
