@@ -9,7 +9,8 @@ run in both.
 Every vLLM engine runs in its own subprocess (tests/vllm_worker.py): vLLM starts engine
 processes with spawn and binds threads per engine. The model is a tiny random Llama
 (hidden 256, 4 heads of 64, 2 KV heads, 3 layers; vocabulary of tests/tiny_tokenizer)
-in float32, so greedy tokens can be compared exactly with ``mogu.generate``.
+in float32, so greedy tokens can be compared exactly with ``mogu.generate``; a tiny random
+Qwen2 checks that family too.
 """
 import importlib.util
 import json
@@ -266,6 +267,30 @@ def test_vllm_split_path_at_tp1_equals_mogu_generate(folders, tmp_path):
     """The split (tensor-parallel / quantized) path forced at TP=1 gives the same tokens."""
     served = run_engine(folders["served"], str(tmp_path), MOGU_VLLM_PATH="split")
     assert served["tokens"] == hf_tokens(folders["served"], folders["served"])
+
+
+@needs_vllm
+def test_vllm_qwen2_greedy_tokens_equal_mogu_generate(tmp_path):
+    """The Qwen2 family (q/k/v biases) through MoGUQwen2ForCausalLM: same parity."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(3)
+    tok = tiny_tokenizer(chat_template=CHAT_TEMPLATE)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      initializer_range=0.08, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      tie_word_embeddings=False)
+    base = str(tmp_path / "qwen2")
+    model = Qwen2ForCausalLM(cfg).eval()
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    random_mogu(model, seed=4)
+    mogu.save_pretrained(model, str(tmp_path / "qwen2_mogu"))
+    served = export_vllm(base, str(tmp_path / "qwen2_mogu"), str(tmp_path / "qwen2_served"))
+    result = run_engine(served, str(tmp_path))
+    assert result["architecture"] == ["MoGUQwen2ForCausalLM"]
+    want = hf_tokens(served, served)
+    assert result["tokens"] == want
+    assert want != hf_tokens(base)
 
 
 def _free_port() -> int:
