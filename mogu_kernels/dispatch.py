@@ -148,10 +148,11 @@ def _env_backend() -> Optional[str]:
 
 
 def _cache_valid(b: Backend, skipped: Tuple[Tuple[str, Optional[Backend]], ...], device: torch.device) -> bool:
-    """Whether a cached choice still stands: ``b`` is still the registered backend of its name
-    and available, and every preferred backend skipped for it is still the same registry
-    entry and still unusable on ``device``."""
-    if _REGISTRY.get(b.name) is not b or b.unavailable_reason() is not None:
+    """Whether a cached choice still stands: ``b`` is still the registered backend of its name,
+    available and able to run on ``device`` (device support may change at run time: triton
+    runs on CPU only while TRITON_INTERPRET=1), and every preferred backend skipped for it
+    is still the same registry entry and still unusable on ``device``."""
+    if _REGISTRY.get(b.name) is not b or b.unavailable_reason() is not None or not b.supports_device(device):
         return False
     for name, entry in skipped:
         if _REGISTRY.get(name) is not entry:
@@ -179,8 +180,8 @@ def resolve_backend(device: torch.device | str, backend: Optional[str] = None) -
         if skipped:
             if _cache_valid(b, skipped, device):
                 return b
-        elif _REGISTRY.get(b.name) is b and b.unavailable_reason() is None:   # _cache_valid, inlined
-            return b
+        elif _REGISTRY.get(b.name) is b and b.unavailable_reason() is None and b.supports_device(device):
+            return b                                                        # _cache_valid, inlined
     skipped: List[Tuple[str, Optional[Backend]]] = []
     if backend is not None:
         chosen = _explicit(backend, device, source)
