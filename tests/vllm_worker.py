@@ -4,7 +4,7 @@ and write the greedy tokens as JSON.
     python tests/vllm_worker.py REQUEST.json RESULT.json
 
 REQUEST: {"model": DIR, "prompts": [[ids], ...], "max_tokens": n, "dtype": "float32",
-"tensor_parallel_size": 1, "max_model_len": 256, "exact": false}. RESULT: {"tokens": [[ids], ...]
+"tensor_parallel_size": 1, "max_model_len": 256, "exact": false, "eager": true}. RESULT: {"tokens": [[ids], ...]
 (protocol always), "architecture": the class vLLM ran, with "exact": protocol exact's tokens
 and "always_again": protocol always after it}. vLLM starts its engine processes with spawn, hence
 the ``__main__`` guard; one process per engine keeps engines (and their thread binding)
@@ -21,7 +21,7 @@ def main(request_path: str, result_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     start = time.time()
-    llm = LLM(model=req["model"], dtype=req.get("dtype", "float32"), enforce_eager=True,
+    llm = LLM(model=req["model"], dtype=req.get("dtype", "float32"), enforce_eager=req.get("eager", True),
               max_model_len=req.get("max_model_len", 256),
               gpu_memory_utilization=req.get("gpu_memory_utilization", 0.2),
               tensor_parallel_size=req.get("tensor_parallel_size", 1), seed=0,
