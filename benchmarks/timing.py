@@ -80,8 +80,8 @@ class LoadMonitor:
         if self.load_start is None or self.load_start[0] < OTHER_WORK_WARN:
             return None
         return (f"WARNING: load average {self.load_start[0]:.2f} (1 min) on {self.cores} cores before this "
-                f"benchmark started: other work is running, so the timings will be noisy and slower "
-                f"than on a quiet machine (ratios suffer less, being interleaved)")
+                f"benchmark started: other work may be running (the end of the run says whether it did), "
+                f"which makes timings noisy and slower (ratios suffer less, being interleaved)")
 
     def stop(self) -> dict:
         busy1, self1, wall1 = _proc_stat_busy(), time.process_time(), time.perf_counter()
@@ -105,10 +105,16 @@ class LoadMonitor:
         return "; ".join(parts) or "load unknown"
 
     def warning(self) -> Optional[str]:
-        """A warning line when other work ran before or during the run, else None."""
-        others = [v for v in (self.load_start[0] if self.load_start else None,
-                              (self.load_end[0] - self.threads) if self.load_end else None,
-                              self.others_cores) if v is not None]
+        """A warning line when other work ran during the run, else None.
+
+        The CPU time other processes used during the run (/proc/stat) decides when it could be
+        measured: the 1-minute load average decays slowly and still counts work that ended
+        before the run. Without /proc/stat the load averages stand in."""
+        if self.others_cores is not None:
+            others = [self.others_cores]
+        else:
+            others = [v for v in (self.load_start[0] if self.load_start else None,
+                                  (self.load_end[0] - self.threads) if self.load_end else None) if v is not None]
         if not others or max(others) < OTHER_WORK_WARN:
             return None
         hint = ""

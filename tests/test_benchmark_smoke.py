@@ -3,6 +3,8 @@ import json
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import throughput  # noqa: E402
@@ -52,6 +54,21 @@ def test_load_warning(monkeypatch):
     assert "load average 3.50" in busy.start_warning()
     busy.stop()
     assert "WARNING" in busy.warning() and "--threads 1" in busy.warning()
+    # With /proc/stat readable, the CPU time others used during the run decides: a residual
+    # load average from work that ended before the run is no warning, busy cores are.
+    clock = iter([100.0, 100.0 + 0.01 * 1.0])            # others: 0.01 core-seconds
+    monkeypatch.setattr(timing, "_proc_stat_busy", lambda: next(clock))
+    monkeypatch.setattr(timing.time, "process_time", lambda: 0.0)
+    walls = iter([0.0, 1.0])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(walls))
+    residual = timing.LoadMonitor(threads=2)
+    residual.stop()
+    assert residual.others_cores == pytest.approx(0.01) and residual.warning() is None
+    clock = iter([100.0, 101.5])                          # others: 1.5 cores over 1 s
+    walls = iter([0.0, 1.0])
+    loaded = timing.LoadMonitor(threads=2)
+    loaded.stop()
+    assert "WARNING" in loaded.warning() and "1.50 of" in loaded.warning()
 
 
 def test_every_benchmarked_layer_computes_the_float64_spec():
