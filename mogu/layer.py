@@ -18,7 +18,7 @@ unpatched computation), "unwill"/"glad" (W x + b + s B_e A_e x, that expert alon
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -120,6 +120,7 @@ class MoGULinear(nn.Module):
         self.mode = "mogu"
         self.router_offset = float(config.router_offset)   # the dial: -d unwill, +d glad logits
         self._offset_bias: Optional[Tuple[float, torch.Tensor]] = None
+        self._call_cache: Dict[str, tuple] = {}     # see _frozen_cache
         self.base_rows: Optional[torch.Tensor] = None
         self.gate_sink: Optional[Callable[[torch.Tensor], None]] = None
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
@@ -203,6 +204,35 @@ class MoGULinear(nn.Module):
             self._offset_bias = cached = (d, vec)
         return cached[1]
 
+    def _frozen_cache(self, slot: str, tensors, extra, make):
+        """``make()``, cached in ``slot`` while ``tensors`` are unchanged (the same tensor
+        objects, held by the cache so their identity cannot be reused, at the same version,
+        storage, dtype and device, i.e. not replaced, moved or modified in place) and ``extra``
+        is equal; recomputed, uncached,
+        whenever autograd may need it (grad enabled and a tensor requires grad). Keeps
+        per-call tensor work out of inference (decode calls every layer once per token)."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return make()
+        # .data replacement (module.to) keeps the object and its version: storage, dtype, device tell
+        versions = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        cached = self._call_cache.get(slot)
+        if (cached is None or len(cached[0]) != len(tensors) or any(a is not b for a, b in zip(cached[0], tensors))
+                or cached[1] != versions or cached[2] != extra):
+            with torch.no_grad():
+                cached = (tuple(tensors), versions, extra, make())
+            self._call_cache[slot] = cached
+        return cached[3]
+
+    def _experts_in(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(lora_A, lora_B) cast to ``dtype`` (the model dtype when the experts are kept in fp32)."""
+        return self._frozen_cache("experts", (self.lora_A, self.lora_B), dtype,
+                                  lambda: (self.lora_A.to(dtype), self.lora_B.to(dtype)))
+
+    def _shifted_bias(self, router_bias: torch.Tensor) -> torch.Tensor:
+        """(2,) fp32 router bias with the dial applied: [c_u - d, c_g + d]."""
+        return self._frozen_cache("bias", (router_bias,), self.router_offset,
+                                  lambda: router_bias + self._offset_vector(router_bias))
+
     def _fold_heads(self) -> Tuple[torch.Tensor, torch.Tensor]:
         (v_u, c_u), (v_g, c_g) = self.alpha_.folded(), self.beta_.folded()
         return torch.stack([v_u, v_g]), torch.stack([c_u, c_g])
@@ -214,14 +244,14 @@ class MoGULinear(nn.Module):
             return self._base_forward(self, x)
         lora_A, lora_B = self.lora_A, self.lora_B
         if lora_A.dtype != x.dtype:      # e.g. experts kept in fp32 under a bf16 model
-            lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+            lora_A, lora_B = self._experts_in(x.dtype)
         if mode != "mogu":
             e = EXPERTS.index(mode)
             delta = F.linear(F.linear(self.lora_dropout(x), lora_A[e]), lora_B[e])
             return self._base_forward(self, x) + self.scaling * delta
         router_weight, router_bias = self.router_vectors()
         if self.router_offset:
-            router_bias = router_bias + self._offset_vector(router_bias)
+            router_bias = self._shifted_bias(router_bias)
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
             y, gates = self._forward_with_dropout(x, lora_A, lora_B, router_weight, router_bias)
         else:

@@ -168,6 +168,55 @@ def test_router_offset_shifts_the_logits_exactly(release):
         torch.testing.assert_close(g2[name], g0[name])
 
 
+def test_per_call_caches_follow_the_dial_the_weights_and_autograd(release):
+    """The layer caches the dial-shifted router bias and the experts cast to the model dtype
+    between calls; every change (dial, in-place edit, replaced or moved tensor, dtype) must
+    show in the next output, which always equals an uncached float64 recomputation."""
+    model = _loaded(release)
+    layer = next(iter(mogu.patched_modules(model).values()))
+    x = torch.randn(3, layer.weight.shape[1], generator=torch.Generator().manual_seed(5))
+
+    def expected(layer, x):
+        w, c = (t.double() for t in layer.router_vectors())
+        c = c + torch.tensor([-layer.router_offset, layer.router_offset], dtype=torch.float64)
+        g = torch.sigmoid(x.double() @ w.T + c)
+        base = x.double() @ layer.weight.double().T + (layer.bias.double() if layer.bias is not None else 0)
+        A, B = layer.lora_A.double(), layer.lora_B.double()
+        delta = sum(g[:, e, None] * (x.double() @ A[e].T @ B[e].T) for e in range(2))
+        return g.sum(-1, keepdim=True) * base + layer.scaling * delta
+
+    def check():
+        with torch.no_grad():
+            y = layer(x)
+        assert torch.allclose(y.double(), expected(layer, x), rtol=1e-4, atol=1e-5)
+
+    for d in (0.7, 0.7, -1.3):                                    # a dial change reaches the next call
+        layer.router_offset = d
+        check()
+    with torch.no_grad():
+        layer.router_bias.add_(0.25) if layer.is_folded else layer.beta_.linear_2.bias.add_(0.25)
+        layer.lora_B.mul_(1.5)                                     # in-place edits
+    check()
+    layer.lora_A = torch.nn.Parameter(layer.lora_A.detach() * 0.5)   # a replaced tensor
+    check()
+    # experts in fp32 under a bf16 base: the cast copy is cached and refreshed the same way
+    layer.weight.data = layer.weight.data.bfloat16()
+    if layer.bias is not None:
+        layer.bias.data = layer.bias.data.bfloat16()
+    xb = x.bfloat16()
+    with torch.no_grad():
+        first = layer(xb)
+        layer.lora_B.mul_(2.0)
+        second = layer(xb)
+    assert not torch.equal(first, second)
+    ref = expected(layer, xb.float())
+    assert (second.double() - ref).abs().max() / ref.abs().max() < 3e-2
+    # autograd: nothing cached, gradients reach the experts through the cast
+    layer.lora_A.requires_grad_(True)
+    layer(xb).float().sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
+
+
 def test_router_offset_travels_with_the_folder(release, tmp_path):
     model = _loaded(release)
     mogu.set_router_offset(model, -0.5)
