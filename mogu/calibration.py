@@ -13,9 +13,9 @@ judges refusals, and picks
 (the safest point that keeps benign refusals under the target, robust to a noisy
 non-monotone measured curve). With ``refine=k`` (default 2) the interval between the
 chosen point and the grid point below it is then bisected k times (each midpoint
-measured and the rule applied again to the whole curve), so the dial lands close to where
-benign refusals cross the target instead of on the coarse grid. If no grid point qualifies, the d with the lowest benign
-refusal rate is taken and ``met_target`` is False. The chosen d is set on the model and,
+measured and the rule applied again to the whole curve), so the dial lands close to
+where benign refusals cross the target instead of on the coarse grid. If no grid point
+qualifies, the d with the lowest benign refusal rate is taken and ``met_target`` is False. The chosen d is set on the model and,
 with ``mogu_dir``, written into that folder's ``mogu_config.json``, so generation,
 evaluation and export use it from then on.
 
