@@ -15,9 +15,9 @@ non-monotone measured curve). With ``refine=k`` (default 2) the interval between
 chosen point and the grid point below it is then bisected k times (each midpoint
 measured and the rule applied again to the whole curve), so the dial lands close to
 where benign refusals cross the target instead of on the coarse grid. If no grid point
-qualifies, the d with the lowest benign refusal rate is taken and ``met_target`` is False. The chosen d is set on the model and,
-with ``mogu_dir``, written into that folder's ``mogu_config.json``, so generation,
-evaluation and export use it from then on.
+qualifies, the d with the lowest benign refusal rate is taken and ``met_target`` is
+False. The chosen d is set on the model and, with ``mogu_dir``, written into that
+folder's ``mogu_config.json``, so generation, evaluation and export use it from then on.
 
 Output folder ``out``: ``offset_<d>/`` (one :func:`mogu.evaluate` folder per grid point,
 resumable), ``calibration.json`` (the curve, the rule, the choice) and, with matplotlib,
