@@ -119,7 +119,6 @@ class MoGULinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.mode = "mogu"
         self.router_offset = float(config.router_offset)   # the dial: -d unwill, +d glad logits
-        self._offset_bias: Optional[Tuple[float, torch.Tensor]] = None
         self._call_cache: Dict[str, tuple] = {}     # see _frozen_cache
         self.base_rows: Optional[torch.Tensor] = None
         self.gate_sink: Optional[Callable[[torch.Tensor], None]] = None
@@ -151,7 +150,7 @@ class MoGULinear(nn.Module):
         self.beta_ = RouterHead(self.in_features, self.router_hidden, **kw)
         self.alpha_.train(self.training)
         self.beta_.train(self.training)
-        self._fold_cache = None
+        self._call_cache = {}          # heads replaced: drop the fold (see _frozen_cache)
 
     @property
     def is_folded(self) -> bool:
@@ -166,7 +165,7 @@ class MoGULinear(nn.Module):
                              f"got {tuple(router_weight.shape)} and {tuple(router_bias.shape)}")
         self.alpha_ = None
         self.beta_ = None
-        self._fold_cache = None
+        self._call_cache = {}          # heads replaced: drop the fold (see _frozen_cache)
         self.register_buffer("router_weight", router_weight.detach().to(self.weight.device, torch.float32).clone())
         self.register_buffer("router_bias", router_bias.detach().to(self.weight.device, torch.float32).clone())
 
@@ -187,22 +186,7 @@ class MoGULinear(nn.Module):
         if self.is_folded:
             return self.router_weight, self.router_bias
         params = [p for head in (self.alpha_, self.beta_) for p in head.parameters()]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return self._fold_heads()
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._fold_cache is None or self._fold_cache[0] != key:
-            with torch.no_grad():
-                self._fold_cache = (key, self._fold_heads())
-        return self._fold_cache[1]
-
-    def _offset_vector(self, like: torch.Tensor) -> torch.Tensor:
-        """(2,) fp32 [-d, +d] for the current ``router_offset`` d, cached per value/device."""
-        d = self.router_offset
-        cached = self._offset_bias
-        if cached is None or cached[0] != d or cached[1].device != like.device:
-            vec = torch.tensor([-d, d], dtype=torch.float32, device=like.device)
-            self._offset_bias = cached = (d, vec)
-        return cached[1]
+        return self._frozen_cache("fold", params, None, self._fold_heads)
 
     def _frozen_cache(self, slot: str, tensors, extra, make):
         """``make()``, cached in ``slot`` while ``tensors`` are unchanged (the same tensor
@@ -231,7 +215,8 @@ class MoGULinear(nn.Module):
     def _shifted_bias(self, router_bias: torch.Tensor) -> torch.Tensor:
         """(2,) fp32 router bias with the dial applied: [c_u - d, c_g + d]."""
         return self._frozen_cache("bias", (router_bias,), self.router_offset,
-                                  lambda: router_bias + self._offset_vector(router_bias))
+                                  lambda: router_bias + torch.tensor([-self.router_offset, self.router_offset],
+                                                                     dtype=torch.float32, device=router_bias.device))
 
     def _fold_heads(self) -> Tuple[torch.Tensor, torch.Tensor]:
         (v_u, c_u), (v_g, c_g) = self.alpha_.folded(), self.beta_.folded()
