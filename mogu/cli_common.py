@@ -11,7 +11,6 @@ the ``check_*`` functions here before they call :func:`load_inference_model` /
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -211,17 +210,12 @@ def check_adapter_folder(path: str, expert: str, flag: Optional[str] = None) -> 
     config = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(config):
         raise FileNotFoundError(f"{expert} adapter config not found: {config} ({flag})")
-    try:
-        with open(config, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config}: not valid JSON: {exc}") from exc
-    lacking = [k for k in ("r", "lora_alpha") if not isinstance(data, dict) or k not in data]
-    if lacking:
-        raise ValueError(f"{config}: missing key {lacking[0]!r}")
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("adapter_model.safetensors", "adapter_model.bin")):
         raise FileNotFoundError(f"{expert} adapter weights not found: {os.path.join(path, 'adapter_model.safetensors')}"
                                 f" (or adapter_model.bin) ({flag})")
+    from .checkpoint import read_adapter_config
+
+    read_adapter_config(path, expert)       # the loader's own checks (JSON, r, lora_alpha, ...), naming the file
     return path
 
 
