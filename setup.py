@@ -123,8 +123,8 @@ setup(
     ],
     extras_require={
         # accelerate: the training tests; matplotlib: the plot-writing paths of eval and benchmarks;
-        # ruff: tests/test_lint.py.
-        "test": ["pytest>=8", "ninja", "accelerate>=0.30", "matplotlib", "ruff", "hypothesis"],
+        # ruff and import-linter: tests/test_lint.py (style; the import direction of docs/design.md section 7).
+        "test": ["pytest>=8", "ninja", "accelerate>=0.30", "matplotlib", "ruff", "import-linter>=2.0", "hypothesis"],
         "bench": ["matplotlib"],
         "train": ["accelerate>=0.30"],
         "gguf": ["gguf>=0.10"],

@@ -4,7 +4,7 @@
     python examples/safer_smollm2.py --seeds 0 1 2
 
 Protocol (``mogu/samples/safety``: instructions written for this project, split with no
-overlap and no near-duplicates into train / validation / test; see ``mogu.safety_data``):
+overlap and no near-duplicates into train / validation / test; see ``mogu.evaluation.safety_data``):
 
 1. ``mogu.build_data`` on the *train* split: the base model answers every instruction
    (greedy, cached, shared by all seeds); refusals come from templates.
@@ -71,9 +71,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))           # run from a checkout without installing
 
 import mogu  # noqa: E402
-from mogu import safety_data  # noqa: E402
-from mogu.data_building import build_data  # noqa: E402
-from mogu.evaluation import evaluate  # noqa: E402
+from mogu.evaluation import build_data, evaluate, safety_data  # noqa: E402
 from mogu.generation import load_for_inference  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -173,7 +171,7 @@ def subset_pairs(files: dict, expert: str, n: int, seed: int, folder: str) -> tu
 def reuse_expert(src: str, affirm: str, reject: str, dst: str, args, seed: int, layers) -> None:
     """Copy an earlier run's expert adapter to ``dst`` after checking that it was trained on
     exactly these pair files (content fingerprints) with these settings; SystemExit if not."""
-    from mogu.data import file_fingerprint
+    from mogu.training.data import file_fingerprint
 
     with open(os.path.join(src, "training_args.json"), encoding="utf-8") as f:
         saved = json.load(f)

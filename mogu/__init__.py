@@ -8,24 +8,23 @@
     ids = mogu.prompt_ids(tok, "instruction")    # chat prompt -> token ids (format_prompt + encode_prompt)
     mogu.generate(model, input_ids, max_new_tokens=64)   # published protocol, cached (= model.generate)
     mogu.train_expert(...), mogu.train_router(...)        # the two training stages (mogu.training)
-    mogu.build_data(model, tok, benign=..., malicious=..., out=...)   # training data (mogu.data_building)
-    mogu.evaluate(model, tok, ["prompts.json"], out=...)  # refusals, ASR, gates (mogu.evaluation)
+    mogu.build_data(model, tok, benign=..., malicious=..., out=...)   # training data (mogu.evaluation.data_building)
+    mogu.evaluate(model, tok, ["prompts.json"], out=...)  # refusals, ASR, gates (mogu.evaluation.evaluator)
     mogu.calibrate(model, tok, ["val.jsonl"], out=..., mogu_dir=...)   # the usability/safety dial
-    mogu.probe_layers(model, tok, train, heldout)          # MoGU v2 layer selection (mogu.probing)
+    mogu.probe_layers(model, tok, train, heldout)          # MoGU v2 layer selection (mogu.evaluation.probing)
 """
+# The core (config, layer, patching, checkpoint, prompting), then the layers above it
+# (docs/design.md section 7): generation, then training and evaluation.
 from .checkpoint import CheckpointError, export_peft, from_pretrained, load, load_official, save_pretrained
 from .config import EXPERTS, FAMILY_TARGETS, MoGUConfig
-from .generation import PROTOCOLS, generate, install_generate, load_for_inference, uninstall_generate
 from .layer import MODES, MoGULinear, RouterHead
-from .prompting import encode_prompt, format_chat, format_prompt, prompt_ids
-from .training import train_expert, train_router
-from .data_building import build_data
-from .evaluation import evaluate
 from .patching import (capture_gates, fold_routers, get_mode, is_patched, mode, patch_model,
                        patched_modules, router_offset, set_mode, set_router_offset, unpatch)
-from .calibration import calibrate
-from .jailbreak_templates import apply_template, load_templates
-from .probing import probe_layers, select_layers
+from .prompting import encode_prompt, format_chat, format_prompt, prompt_ids
+from .generation import PROTOCOLS, generate, install_generate, load_for_inference, uninstall_generate
+from .training import train_expert, train_router
+from .evaluation import (apply_template, build_data, calibrate, evaluate, load_templates, probe_layers,
+                         select_layers)
 
 __all__ = [
     "MoGUConfig", "MoGULinear", "RouterHead", "EXPERTS", "FAMILY_TARGETS", "MODES",

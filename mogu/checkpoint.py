@@ -687,7 +687,7 @@ def peft_config_json(peft_config) -> str:
 
 
 # ------------------------------------------------------------- any folder
-def _latest(folder: str, suffix: str) -> str:
+def latest_step_entry(folder: str, suffix: str) -> str:
     """The entry of ``folder`` named '<step><suffix>' with the largest step."""
     entries = [e for e in os.listdir(folder) if e.endswith(suffix) and e[: -len(suffix)].isdigit()]
     if not entries:
@@ -711,6 +711,6 @@ def load(model: nn.Module, path, config: Optional[MoGUConfig] = None) -> nn.Modu
     if missing:
         raise FileNotFoundError(f"mogu: {path} holds neither {OWN_CONFIG} nor a published release "
                                 f"(missing {', '.join(missing)})")
-    return load_official(model, glad=_latest(parts["resp_glad"], "_lora"),
-                         unwill=_latest(parts["resp_unwill"], "_lora"),
-                         router=_latest(parts["router_layer"], "_router.pth"), config=config)
+    return load_official(model, glad=latest_step_entry(parts["resp_glad"], "_lora"),
+                         unwill=latest_step_entry(parts["resp_unwill"], "_lora"),
+                         router=latest_step_entry(parts["router_layer"], "_router.pth"), config=config)

@@ -51,8 +51,9 @@ import torch
 import torch.nn as nn
 
 from . import hf_compat as hf
+from .checkpoint import load as load_mogu
 from .layer import MoGULinear
-from .patching import get_mode, is_patched, patched_modules
+from .patching import get_mode, is_patched, patched_modules, register_patch_hooks
 
 PROTOCOLS = ("exact", "cached", "always")
 
@@ -503,6 +504,9 @@ def uninstall_generate(model: nn.Module) -> nn.Module:
     return model
 
 
+register_patch_hooks(install_generate, uninstall_generate)     # patch_model / unpatch call them
+
+
 # ------------------------------------------------------------------ loading
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
@@ -521,7 +525,7 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
-def _offline_var() -> Optional[str]:
+def offline_var() -> Optional[str]:
     """The variable that puts the hub in offline mode (HF_HUB_OFFLINE=1, ...), or None."""
     for var in _OFFLINE_VARS:
         if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
@@ -585,7 +589,7 @@ def resolve_model_path(model_path, gguf_file: Optional[str] = None) -> Tuple[str
         raise ValueError(f"mogu: {path} is not a model folder: it holds neither config.json nor a .gguf file")
     if not is_hub_name(raw):
         raise FileNotFoundError(f"mogu: model folder not found: {path}")
-    offline = _offline_var()
+    offline = offline_var()
     if offline is not None and not _in_hub_cache(raw, gguf_file):
         raise FileNotFoundError(f"mogu: model folder not found: {path}; as a hub name it is not in the local "
                                 f"Hugging Face cache, and offline mode ({offline}=1) forbids downloading it")
@@ -608,7 +612,7 @@ def check_hub_model(name: str, gguf_file: Optional[str] = None, timeout: float =
     quick look-up without retries, so that a missing model or no connection fails at once
     instead of after transformers' download retries. A model in the local cache passes
     without a connection."""
-    if os.path.exists(name) or name in _HUB_SEEN or _offline_var() is not None:
+    if os.path.exists(name) or name in _HUB_SEEN or offline_var() is not None:
         return
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
@@ -646,8 +650,6 @@ def load_for_inference(model_path, mogu_path=None, gguf_file: Optional[str] = No
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import load
-
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -666,6 +668,6 @@ def load_for_inference(model_path, mogu_path=None, gguf_file: Optional[str] = No
     if getattr(model.generation_config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if mogu_path is not None:
-        load(model, mogu_path)
+        load_mogu(model, mogu_path)
         install_generate(model, protocol)
     return model, tokenizer

@@ -3,7 +3,7 @@
 mogu's decoding loop (mogu/generation.py) runs inside ``GenerationMixin.generate`` as a
 ``custom_generate`` callable and so leans on pieces of transformers that are not public
 API (underscore names, cache layer attributes, output dataclass fields); training
-(mogu/training.py) leans on a few of transformers' and peft's. Each such use is a small
+(mogu/training/) leans on a few of transformers' and peft's. Each such use is a small
 named function here whose docstring says what it relies on, so that a transformers
 upgrade breaks in this one file, and the tests of this file (tests/test_hf_compat.py) and
 of generation and training say where.

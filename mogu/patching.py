@@ -7,13 +7,30 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .config import MoGUConfig
 from .layer import MODES, MoGULinear
+
+
+# Called with the model after every patch_model / unpatch that changed it, in registration
+# order. Layers above this one attach model-wide behaviour here without this module
+# importing them: mogu.generation registers install_generate / uninstall_generate (so that
+# model.generate follows the MoGU protocol on a patched model).
+_ON_PATCH: List[Callable[[nn.Module], object]] = []
+_ON_UNPATCH: List[Callable[[nn.Module], object]] = []
+
+
+def register_patch_hooks(on_patch: Callable[[nn.Module], object], on_unpatch: Callable[[nn.Module], object]) -> None:
+    """Run ``on_patch(model)`` after each patch_model and ``on_unpatch(model)`` after each
+    unpatch (idempotent per pair of callables)."""
+    if on_patch not in _ON_PATCH:
+        _ON_PATCH.append(on_patch)
+    if on_unpatch not in _ON_UNPATCH:
+        _ON_UNPATCH.append(on_unpatch)
 
 
 def patched_modules(model: nn.Module) -> "OrderedDict[str, MoGULinear]":
@@ -95,8 +112,8 @@ def patch_model(model: nn.Module, config: Optional[MoGUConfig] = None) -> nn.Mod
         _set_submodule(model, n, w)
     model.mogu_config = config
     set_router_offset(model, config.router_offset)
-    from .generation import install_generate     # lazy: mogu.generation imports this module
-    install_generate(model)                      # model.generate follows the MoGU protocol
+    for hook in _ON_PATCH:                       # e.g. model.generate follows the MoGU protocol
+        hook(model)
     return model
 
 
@@ -110,8 +127,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, original)
     if "mogu_config" in model.__dict__:
         del model.__dict__["mogu_config"]
-    from .generation import uninstall_generate
-    uninstall_generate(model)
+    for hook in _ON_UNPATCH:
+        hook(model)
     return model
 
 

@@ -94,3 +94,12 @@ def encode_prompt(tokenizer, text: str) -> List[int]:
 def prompt_ids(tokenizer, instruction: str, system: Optional[str] = None) -> List[int]:
     """Token ids of the prompt for ``instruction``: ``encode_prompt(format_prompt(...))``."""
     return encode_prompt(tokenizer, format_prompt(tokenizer, instruction, system))
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id used for padding: pad, else eos, else 0 (padded positions are masked anyway)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0

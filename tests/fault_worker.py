@@ -10,7 +10,7 @@ The process kills itself with SIGKILL (no cleanup, no atexit, no flush: as ``kil
 a chosen, reproducible point:
 
 * ``step``: at the start of the N-th optimizer step (earlier checkpoints are complete);
-* ``save``: in the middle of the N-th checkpoint save (the weights written, optimizer.pt
+* ``save``: in the middle of the N-th checkpoint save (the weights written, optimizer.bin
   not: a partial ``step-N.tmp`` folder is left behind);
 * ``generate``: at the N-th generation batch (build-data / eval), after appending half a
   JSON line to the output's JSONL file, as a kill in the middle of a write would.
@@ -53,14 +53,14 @@ def install_kill(kill, out) -> None:
         real_save = torch.save
 
         def save(obj, f, *a, **k):
-            if isinstance(f, str) and os.path.basename(f) == "optimizer.pt":
+            if isinstance(f, (str, os.PathLike)) and os.path.basename(f) == "optimizer.bin":   # accelerate save_state
                 count[0] += 1
                 if count[0] == n:
                     die()
             return real_save(obj, f, *a, **k)
         torch.save = save
     elif at == "generate":
-        from mogu import data_building, evaluation
+        from mogu.evaluation import data_building, evaluator
 
         def wrap(module, name, jsonl):
             real = getattr(module, name)
@@ -75,8 +75,8 @@ def install_kill(kill, out) -> None:
                 return real(*a, **k)
             setattr(module, name, fn)
         wrap(data_building, "generate_answers", "generations.jsonl")
-        wrap(evaluation, "_generate_base", "responses.jsonl")
-        wrap(evaluation, "_generate_mogu", "responses.jsonl")
+        wrap(evaluator, "_generate_base", "responses.jsonl")
+        wrap(evaluator, "_generate_mogu", "responses.jsonl")
     else:
         raise ValueError(f"unknown kill point {at!r}")
 

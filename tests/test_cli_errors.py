@@ -16,7 +16,7 @@ from tiny_models import tiny_llama
 from tiny_tokenizer import tiny_tokenizer
 
 import mogu
-from mogu import cli_common
+from mogu.cli import common as cli_common
 from mogu.cli import build_parser, main
 from mogu.generation import is_hub_name, resolve_model_path
 

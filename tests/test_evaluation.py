@@ -14,13 +14,13 @@ import pytest
 import torch
 
 import mogu
-from mogu import data_building as build_data_module
-from mogu import evaluation
-from mogu.data_building import DEFAULT_REFUSALS, FILES, build_data, pick_refusal
 from mogu.cli import main
-from mogu.data import load_labelled, load_pairs
-from mogu.evaluation import evaluate
-from mogu.judge import KeywordJudge
+from mogu.evaluation import data_building as build_data_module
+from mogu.evaluation import evaluator
+from mogu.evaluation.data_building import DEFAULT_REFUSALS, FILES, build_data, pick_refusal
+from mogu.evaluation.evaluator import evaluate
+from mogu.evaluation.judge import KeywordJudge
+from mogu.training.data import load_labelled, load_pairs
 from mogu.prompting import encode_prompt, format_prompt
 from tiny_models import random_release, tiny_llama, write_published
 from tiny_tokenizer import tiny_tokenizer
@@ -276,10 +276,10 @@ def test_eval_gates_match_an_independent_capture(tiny, prompt_files, tmp_path):
 
 def test_eval_resume_skips_done_rows(tiny, prompt_files, tmp_path, monkeypatch):
     calls = []
-    real_base, real_mogu = evaluation._generate_base, evaluation._generate_mogu
-    monkeypatch.setattr(evaluation, "_generate_base",
+    real_base, real_mogu = evaluator._generate_base, evaluator._generate_mogu
+    monkeypatch.setattr(evaluator, "_generate_base",
                         lambda m, ids, *a, **k: calls.append(("base", ids.shape[0])) or real_base(m, ids, *a, **k))
-    monkeypatch.setattr(evaluation, "_generate_mogu",
+    monkeypatch.setattr(evaluator, "_generate_mogu",
                         lambda m, ids, *a, **k: calls.append(("mogu", ids.shape[0])) or real_mogu(m, ids, *a, **k))
     kw = dict(benign=[prompt_files.benign], malicious=[prompt_files.malicious], max_new_tokens=5, batch_size=4,
               progress=False, print_summary=False, plots=False)
@@ -439,8 +439,8 @@ def test_eval_templates_and_borderline_end_to_end(tiny, jailbreak_files, tmp_pat
     # is generated, every number is recomputed, and matches a count over responses.jsonl.
     refused_texts = {r["response"] for r in jb if r["template"] == "roleplay" and r["system"] == "base"}
     judge = lambda text: text in refused_texts                                  # noqa: E731
-    monkeypatch.setattr(evaluation, "_generate_base", lambda *a, **k: pytest.fail("generated again"))
-    monkeypatch.setattr(evaluation, "_generate_mogu", lambda *a, **k: pytest.fail("generated again"))
+    monkeypatch.setattr(evaluator, "_generate_base", lambda *a, **k: pytest.fail("generated again"))
+    monkeypatch.setattr(evaluator, "_generate_mogu", lambda *a, **k: pytest.fail("generated again"))
     res = evaluate(tiny.model, tiny.tok, [f.mixed], benign=f.benign, malicious=f.malicious, borderline=f.borderline,
                    templates=f.templates, out=out, max_new_tokens=6, judge=judge, progress=False,
                    print_summary=False, plots=False)
@@ -487,8 +487,8 @@ def test_eval_per_row_system_prompt_reaches_the_prompt(tiny, tmp_path, monkeypat
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (tmp_path / "t.txt").write_text("w70 {{ prompt }}")
     seen = []
-    real = evaluation.format_prompt
-    monkeypatch.setattr(evaluation, "format_prompt",
+    real = evaluator.format_prompt
+    monkeypatch.setattr(evaluator, "format_prompt",
                         lambda tok, instruction, system=None: seen.append((instruction, system)) or
                         real(tok, instruction, system))
     kw = dict(out=tmp_path / "s", system="w90", templates=str(tmp_path / "t.txt"), max_new_tokens=5, batch_size=2,

@@ -95,15 +95,15 @@ def test_stage1_killed_during_a_checkpoint_save_resumes_bitwise(tok, tmp_path, o
     full = train_expert(tiny_llama(), tok, out=str(tmp_path / "full"), **kw)
     assert full.global_step == 6
     part = tmp_path / "part"
-    # SIGKILL while the step-4 checkpoint is being written (weights there, optimizer.pt not).
+    # SIGKILL while the step-4 checkpoint is being written (weights there, optimizer.bin not).
     run_killed({"job": "expert", "kwargs": {**kw, "out": str(part)}, "kill": {"at": "save", "n": 2}})
     assert sorted(os.listdir(part / "checkpoints")) == ["step-00000002", "step-00000004.tmp"]
     assert (part / "checkpoints" / "step-00000004.tmp" / "adapter_model.safetensors").exists()
     assert not (part / "adapter_model.safetensors").exists()
     with pytest.raises(CheckpointError, match="unfinished training run"):      # never taken for a finished one
         read_adapter_config(part)
-    from mogu.training import _verify_checkpoint
-    assert _verify_checkpoint(str(part / "checkpoints" / "step-00000002"))["global_step"] == 2   # loadable
+    from mogu.training.loop import verify_checkpoint
+    assert verify_checkpoint(str(part / "checkpoints" / "step-00000002"))["global_step"] == 2   # loadable
     resumed = train_expert(tiny_llama(), tok, out=str(part), resume=True, **kw)
     assert resumed.global_step == 6 and resumed.finished
     assert resumed.losses == full.losses[2:]
@@ -136,16 +136,16 @@ def test_stage2_killed_mid_run_resumes_bitwise_and_checks_its_checkpoints(tok, t
     data = (ckpts / "step-00000002" / "mogu_model.safetensors").read_bytes()
     (ckpts / "step-00000003.tmp" / "mogu_model.safetensors").write_bytes(data[: len(data) // 2])
     # A corrupted checkpoint file is named on resume (and nothing is trained).
-    opt = ckpts / "step-00000002" / "optimizer.pt"
+    opt = ckpts / "step-00000002" / "optimizer.bin"
     good = opt.read_bytes()
     opt.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
-    with pytest.raises(CheckpointError, match="optimizer.pt does not match the sha256"):
+    with pytest.raises(CheckpointError, match="optimizer.bin does not match the sha256"):
         train_router(tiny_llama(), tok, out=str(part), resume=True, **kw)
     state_path = ckpts / "step-00000002" / "state.json"                  # as a checkpoint written before
     state = state_path.read_text()                                         # checksums: still a named error
     state_path.write_text(json.dumps({k: v for k, v in json.loads(state).items() if k != "sha256"}))
     opt.write_bytes(good[: len(good) // 2])
-    with pytest.raises(CheckpointError, match="cannot read .*optimizer.pt"):
+    with pytest.raises(CheckpointError, match="cannot read the checkpoint .*step-00000002"):
         train_router(tiny_llama(), tok, out=str(part), resume=True, **kw)
     state_path.write_text(state)
     opt.write_bytes(good)
@@ -176,7 +176,7 @@ def same_files(a, b, names):
 
 
 def test_build_data_killed_mid_run_resumes_to_the_same_files(tok, tmp_path, labelled, one_thread):
-    from mogu.data_building import CACHE_FILE, FILES, REPORT_FILE
+    from mogu.evaluation.data_building import CACHE_FILE, FILES, REPORT_FILE
 
     kw = dict(instructions=labelled, max_new_tokens=6, batch_size=2, progress=False)
     mogu.build_data(tiny_llama(), tok, out=str(tmp_path / "full"), **kw)
@@ -192,7 +192,7 @@ def test_build_data_killed_mid_run_resumes_to_the_same_files(tok, tmp_path, labe
 
 
 def test_eval_killed_mid_run_resumes_to_the_same_files(tok, tmp_path, labelled, one_thread):
-    from mogu.evaluation import CONFIG_FILE, RESPONSES_FILE, SUMMARY_FILE
+    from mogu.evaluation.evaluator import CONFIG_FILE, RESPONSES_FILE, SUMMARY_FILE
 
     release = tmp_path / "release"
     write_published(random_release(tiny_llama()), str(release))
@@ -457,7 +457,7 @@ def test_written_files_carry_checksums_and_older_folders_still_load(formats, tmp
     model = mogu.load(copy.deepcopy(formats["base"]), out)
     assert same_snapshot(snapshot(model), snapshot(formats["loaded"]))
     # The dial stays editable (mogu.calibrate writes it): the settings digest leaves it out.
-    from mogu.calibration import write_mogu_offset
+    from mogu.evaluation.calibration import write_mogu_offset
     out2 = _own_copy(formats, tmp_path / "dial")
     write_mogu_offset(out2, 1.5)
     assert mogu.load(copy.deepcopy(formats["base"]), out2).mogu_config.router_offset == 1.5

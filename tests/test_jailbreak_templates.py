@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from mogu.jailbreak_templates import Template, apply_template, load_templates
+from mogu.evaluation.jailbreak_templates import Template, apply_template, load_templates
 
 # The common public layout (one template per YAML file, the text in ``value``).
 PUBLIC_YAML = """---

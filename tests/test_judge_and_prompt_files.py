@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from mogu.judge import DEFAULT_REFUSAL_PHRASES, KeywordJudge
-from mogu.prompt_files import read_prompt_file
+from mogu.evaluation.judge import DEFAULT_REFUSAL_PHRASES, KeywordJudge
+from mogu.evaluation.prompt_files import read_prompt_file
 
 
 @pytest.mark.parametrize("response,refused", [

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import mogu
-from mogu.data_building import greedy_kwargs, left_pad
+from mogu.evaluation.common import greedy_kwargs, left_pad
 from mogu.prompting import prompt_ids
 
 pytestmark = pytest.mark.slow
@@ -166,7 +166,7 @@ DIAL_REFUSAL = "I'm sorry, but I cannot help with that request."
 
 
 def test_calibration_moves_benign_refusals_down_on_the_real_model(smol, tmp_path):
-    from mogu import safety_data
+    from mogu.evaluation import safety_data
 
     def short(split):                  # short benign prompts keep the run small
         return [r for r in safety_data.load_split(split) if r["category"] == "benign" and len(r["instruction"]) < 60]

@@ -1,11 +1,11 @@
 """The shipped safety set: sizes, labels, diversity, and splits with no overlap and no
-near-duplicates across them (mogu.safety_data)."""
+near-duplicates across them (mogu.evaluation.safety_data)."""
 import collections
 
 import pytest
 
-from mogu import safety_data
-from mogu.jailbreak_templates import load_templates
+from mogu.evaluation import safety_data
+from mogu.evaluation.jailbreak_templates import load_templates
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_no_overlap_and_no_near_duplicates_across_splits(splits):
 def test_shipped_splits_are_what_make_splits_writes(tmp_path, splits):
     made = safety_data.make_splits(out_dir=str(tmp_path))
     for split in safety_data.SPLITS:
-        assert made[split] == splits[split], f"{split}.jsonl is stale: run python -m mogu.safety_data"
+        assert made[split] == splits[split], f"{split}.jsonl is stale: run python -m mogu.evaluation.safety_data"
         assert (tmp_path / f"{split}.jsonl").read_text(encoding="utf-8") == \
             open(safety_data.split_path(split), encoding="utf-8").read()
     total = sum(len(v) for v in made.values())
@@ -76,7 +76,7 @@ def test_shipped_splits_are_what_make_splits_writes(tmp_path, splits):
 def test_shipped_jailbreak_templates_load_and_fill():
     templates = load_templates(safety_data.TEMPLATES_DIR)
     assert len(templates) >= 5
-    from mogu.jailbreak_templates import apply_template
+    from mogu.evaluation.jailbreak_templates import apply_template
     for t in templates:
         text = apply_template(t, "PROMPT-SENTINEL")
         assert text.count("PROMPT-SENTINEL") == 1 and "{{" not in text, t.name

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mogu
-from mogu import calibration, probing
+from mogu.evaluation import calibration, probing
 from mogu.layer import MoGULinear
 from tiny_models import random_release, tiny_llama, write_published
 from test_training import two_class_rows

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 import mogu
-from mogu import data as mdata
-from mogu.data import DataError
-from mogu.training import (GateCollector, expert_loss, load_experts, ratio_loss, router_loss, sequence_ce,
-                           train_expert, train_router)
+from mogu.training import data as mdata
+from mogu.training import load_experts, train_expert, train_router
+from mogu.training.data import DataError
+from mogu.training.losses import GateCollector, expert_loss, ratio_loss, router_loss, sequence_ce
 from tiny_models import random_release, rel_err, tiny_falcon, tiny_llama, write_published
 from tiny_tokenizer import tiny_tokenizer, words
 

@@ -44,16 +44,17 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import atomic_write_json, atomic_write_text
-from .data import pad_id_of
+from ..checkpoint import atomic_write_json, atomic_write_text
+from ..patching import is_patched, mode
+from ..prompting import encode_prompt, format_prompt, pad_id_of
+from .common import claim_output_folder, cut_answer, eos_ids, greedy_kwargs, left_pad, model_name
 from .judge import Judgement, KeywordJudge
 from .prompt_files import read_prompt_file
-from .prompting import encode_prompt, format_prompt
 
 # Varied refusals; each holds at least one of the default KeywordJudge phrases (checked at
 # run time against the judge in use, so the evaluation counts what the experts learn).
@@ -98,47 +99,8 @@ class BuildResult:
 
 
 # ------------------------------------------------------------------ helpers
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists to one batch.
-
-    Returns input_ids (B, T) int64 (``pad_id`` on the left) and attention_mask (B, T)
-    int64 (1 on real tokens), T = the longest row. Every row must be non-empty.
-    """
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("left_pad: every prompt needs at least one token")
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, T - len(r):] = 1
-    return ids.to(device), mask.to(device)
 
 
-def eos_ids(model: nn.Module, tokenizer) -> List[int]:
-    """Every id that ends an answer: the generation config's eos id(s) and the tokenizer's."""
-    ids = set()
-    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                  getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return sorted(ids)
-
-
-def greedy_kwargs() -> Dict:
-    """Generation kwargs for greedy decoding whatever sampling defaults the model's config carries."""
-    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-
-
-def cut_answer(ids: Sequence[int], stop_ids: Iterable[int]) -> Tuple[List[int], bool]:
-    """The answer tokens before the first stop id, and whether a stop id was found."""
-    stop = set(stop_ids)
-    for i, t in enumerate(ids):
-        if int(t) in stop:
-            return [int(x) for x in ids[:i]], True
-    return [int(x) for x in ids], False
 
 
 def trim_to_sentence(text: str) -> str:
@@ -242,27 +204,6 @@ def _write_json(path: str, value) -> None:
     atomic_write_json(path, value, indent=1)
 
 
-def model_name(model: nn.Module) -> str:
-    """The model's ``config.name_or_path`` (or its class name): recorded in settings so a
-    resumed run can tell it is continuing with the same model."""
-    return str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
-
-
-def claim_output_folder(out, owned: Sequence[str], *, overwrite: bool, resume: bool, caller: str,
-                        resume_means: str) -> str:
-    """Create ``out`` and settle the files of ``owned`` already in it: overwrite deletes
-    them (only them), resume keeps them, neither raises FileExistsError naming them.
-    ``caller`` and ``resume_means`` word that error. Returns ``out`` as a str."""
-    out = os.fspath(out)
-    os.makedirs(out, exist_ok=True)
-    present = [f for f in owned if os.path.exists(os.path.join(out, f))]
-    if present and overwrite:
-        for f in present:
-            os.remove(os.path.join(out, f))
-    elif present and not resume:
-        raise FileExistsError(f"{caller}: {out} already holds {present}; pass resume=True ({resume_means}) or "
-                              f"overwrite=True (start again)")
-    return out
 
 
 # ------------------------------------------------------------------ cache
@@ -325,7 +266,6 @@ def generate_answers(model: nn.Module, tokenizer, instructions: Sequence[str], *
     sentence end when the limit was hit), "truncated": bool (no eos within
     max_new_tokens), "tokens": int (new tokens before eos)}.
     """
-    from .patching import is_patched, mode
 
     device = next(model.parameters()).device
     ids = [encode_prompt(tokenizer, format_prompt(tokenizer, ins, system)) for ins in instructions]

@@ -3,17 +3,17 @@
     mogu calibrate --model M [--gguf-file F] --mogu MOGU_DIR --prompts VAL.jsonl --out DIR [--target 0.05]
     mogu probe     --model M [--gguf-file F] --train F --heldout F --out DIR [--top K]
 
-See ``mogu.calibration`` and ``mogu.probing``; model options and path checks as in
-``mogu.cli_common``.
+See ``mogu.evaluation.calibration`` and ``mogu.evaluation.probing``; model options and path checks as in
+``mogu.cli.common``.
 """
 from __future__ import annotations
 
 import argparse
 import os
 
-from .calibration import DEFAULT_OFFSETS
-from .cli_common import EXPLAIN_M, check_model, check_mogu_folder, check_out, check_positive, load_inference_model
-from .cli_eval import _model_args      # the same model options as mogu eval
+from ..evaluation.calibration import DEFAULT_OFFSETS
+from .common import (EXPLAIN_M, add_eval_model_args, check_model, check_mogu_folder, check_out, check_positive,
+                     load_inference_model)
 
 
 def register(subparsers) -> None:
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
                     "(refusal on malicious vs benign as d moves) in --out.",
         epilog="Example: mogu calibrate --model M --mogu runs/x/router/folded "
                f"--prompts mogu/samples/safety/validation.jsonl --out runs/x/calibration\n{EXPLAIN_M}")
-    _model_args(c, with_mogu=False)
+    add_eval_model_args(c, with_mogu=False)
     c.add_argument("--mogu", required=True, help="MoGU folder (own format); its mogu_config.json receives the dial "
                                                  "(required)")
     c.add_argument("--prompts", nargs="+", required=True,
@@ -52,7 +52,7 @@ def register(subparsers) -> None:
                     "MoGUConfig(layers=[...]) or layers='auto:K'.",
         epilog="Example: mogu probe --model M --train mogu/samples/safety/train.jsonl "
                f"--heldout mogu/samples/safety/validation.jsonl --out runs/probe --top 8\n{EXPLAIN_M}")
-    _model_args(p, with_mogu=False)
+    add_eval_model_args(p, with_mogu=False)
     p.add_argument("--train", nargs="+", required=True, help="labelled prompt files to fit the probes (required)")
     p.add_argument("--heldout", nargs="+", required=True, help="labelled prompt files to score them (required)")
     p.add_argument("--top", type=int, default=None, help="mark and print the best K layers (default: none)")
@@ -61,13 +61,13 @@ def register(subparsers) -> None:
 
 
 def _rows(paths):
-    from .prompt_files import read_prompt_file
+    from ..evaluation.prompt_files import read_prompt_file
     return [r for path in paths for r in read_prompt_file(path)]
 
 
 def run_calibrate(args) -> int:
-    from .calibration import calibrate
-    from .checkpoint import OWN_CONFIG
+    from ..evaluation.calibration import calibrate
+    from ..checkpoint import OWN_CONFIG
 
     check_positive(args, "max_new_tokens", "batch_size")
     if not 0.0 <= args.target <= 1.0:
@@ -92,7 +92,7 @@ def run_calibrate(args) -> int:
 
 
 def run_probe(args) -> int:
-    from .probing import probe_layers
+    from ..evaluation.probing import probe_layers
 
     check_positive(args, "batch_size", "top")
     train, heldout = _rows(args.train), _rows(args.heldout)      # checked before the model loads

@@ -18,7 +18,7 @@ import traceback
 from typing import Optional, Sequence
 
 DEBUG_ENV = "MOGU_DEBUG"
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # mogu/
 
 MODEL_HELP = ("the base model: a local Hugging Face model folder, a folder holding one .gguf file, a .gguf file, "
               "or a Hugging Face hub name (owner/name; downloaded and cached by transformers; tried only when the "
@@ -121,6 +121,15 @@ def add_batch_args(g) -> None:
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
 
 
+def add_eval_model_args(p: argparse.ArgumentParser, with_mogu: bool) -> None:
+    """The model options of the commands that run a model over prompt files (build-data, eval,
+    calibrate, probe): --model and friends, --mogu when ``with_mogu``, the batch options."""
+    g = add_model_args(p, mogu="optional" if with_mogu else None,
+                       mogu_help="MoGU folder (own format, folded or not, or a published release root); without it "
+                                 "only the base model is evaluated")
+    add_batch_args(g)
+
+
 # ------------------------------------------------------------------ checks before the model loads
 def clean_path(path):
     """``path`` without a trailing slash or ``./`` (so messages never show ``out//folded``)."""
@@ -172,7 +181,7 @@ def check_positive(args, *names: str) -> None:
 def check_mogu_folder(path: str, own_only: bool = False, flag: str = "--mogu") -> str:
     """A MoGU folder holds the own format (mogu_config.json + mogu_model.safetensors) or,
     unless ``own_only``, a published release root. Returns it cleaned."""
-    from .checkpoint import OWN_CONFIG, OWN_WEIGHTS, _latest
+    from ..checkpoint import OWN_CONFIG, OWN_WEIGHTS, latest_step_entry
 
     path = clean_path(path)
     if not os.path.exists(path):
@@ -193,8 +202,8 @@ def check_mogu_folder(path: str, own_only: bool = False, flag: str = "--mogu") -
         raise FileNotFoundError(f"{path} ({flag}) holds neither {OWN_CONFIG} nor a published release (missing "
                                 f"{', '.join(missing)})")
     for expert in ("glad", "unwill"):
-        check_adapter_folder(_latest(parts[f"resp_{expert}"], "_lora"), expert, flag)
-    _latest(parts["router_layer"], "_router.pth")
+        check_adapter_folder(latest_step_entry(parts[f"resp_{expert}"], "_lora"), expert, flag)
+    latest_step_entry(parts["router_layer"], "_router.pth")
     return path
 
 
@@ -213,7 +222,7 @@ def check_adapter_folder(path: str, expert: str, flag: Optional[str] = None) -> 
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("adapter_model.safetensors", "adapter_model.bin")):
         raise FileNotFoundError(f"{expert} adapter weights not found: {os.path.join(path, 'adapter_model.safetensors')}"
                                 f" (or adapter_model.bin) ({flag})")
-    from .checkpoint import read_adapter_config
+    from ..checkpoint import read_adapter_config
 
     read_adapter_config(path, expert)       # the loader's own checks (JSON, r, lora_alpha, ...), naming the file
     return path
@@ -223,7 +232,7 @@ def check_model(args, command: Optional[str] = None) -> None:
     """Resolve ``args.model`` / ``args.gguf_file`` local first (``mogu.generation.resolve_model_path``):
     a missing folder, a wrong GGUF name or a hub name in offline mode fail here, before
     anything loads. A GGUF file found on its own is reported on stderr."""
-    from .generation import check_hub_model, resolve_model_path
+    from ..generation import check_hub_model, resolve_model_path
 
     given = args.gguf_file
     args.model, args.gguf_file = resolve_model_path(args.model, args.gguf_file)
@@ -234,7 +243,7 @@ def check_model(args, command: Optional[str] = None) -> None:
 
 def check_tokenizer(name: Optional[str]) -> Optional[str]:
     """--tokenizer: an existing folder, or a hub name (not in offline mode unless cached)."""
-    from .generation import _offline_var, is_hub_name
+    from ..generation import is_hub_name, offline_var
 
     if name is None:
         return None
@@ -244,7 +253,7 @@ def check_tokenizer(name: Optional[str]) -> Optional[str]:
         return clean_path(name)
     if not is_hub_name(name):
         raise FileNotFoundError(f"tokenizer folder not found: {clean_path(name)}")
-    offline = _offline_var()
+    offline = offline_var()
     if offline is not None:
         from huggingface_hub import try_to_load_from_cache
         try:
@@ -260,7 +269,7 @@ def check_tokenizer(name: Optional[str]) -> Optional[str]:
 # ------------------------------------------------------------------ loading
 def load_inference_model(args, mogu_path=None, protocol: str = "exact"):
     """(model, tokenizer) for generation, after the checks (``mogu.generation.load_for_inference``)."""
-    from .generation import load_for_inference
+    from ..generation import load_for_inference
     return load_for_inference(args.model, mogu_path=mogu_path, gguf_file=args.gguf_file, dtype=args.dtype,
                               device=args.device, protocol=protocol)
 

@@ -4,7 +4,7 @@
     mogu chat     --model M [--gguf-file F] [--mogu DIR] [options]
 
 ``--model`` is a local Hugging Face model folder, a folder holding one GGUF file (or
-several, with ``--gguf-file``), or a hub name (see ``mogu.cli_common``); ``--mogu`` a MoGU
+several, with ``--gguf-file``), or a hub name (see ``mogu.cli.common``); ``--mogu`` a MoGU
 folder in this project's format or a published release root (without it the plain base
 model runs, for comparison). Both are checked before the model loads. The prompt is
 formatted with the tokenizer's chat template, or the Llama-2 ``[INST]`` template when it
@@ -17,8 +17,8 @@ import argparse
 import sys
 from typing import Dict, List
 
-from .cli_common import EXPLAIN_M, add_model_args, check_model, check_mogu_folder, load_inference_model
-from .generation import PROTOCOLS
+from .common import EXPLAIN_M, add_model_args, check_model, check_mogu_folder, load_inference_model
+from ..generation import PROTOCOLS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -99,9 +99,9 @@ def _answer(model, tokenizer, prompt_text: str, args) -> List[int]:
     import torch
     from transformers import TextStreamer
 
-    from . import generation
-    from .prompting import encode_prompt
-    from .patching import is_patched
+    from .. import generation
+    from ..prompting import encode_prompt
+    from ..patching import is_patched
 
     ids = encode_prompt(tokenizer, prompt_text)
     if not ids:
@@ -120,7 +120,7 @@ def _answer(model, tokenizer, prompt_text: str, args) -> List[int]:
 
 
 def run_generate(args) -> int:
-    from .prompting import format_prompt
+    from ..prompting import format_prompt
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise ValueError("the prompt is empty (--prompt)")
@@ -131,8 +131,8 @@ def run_generate(args) -> int:
 
 
 def run_chat(args) -> int:
-    from .cli_common import fail
-    from .prompting import format_chat
+    from .common import fail
+    from ..prompting import format_chat
     model, tokenizer = _load(args, "chat")
     mode = "MoGU" if args.mogu else "base model"
     print(f"[mogu chat: {mode}, protocol {args.protocol}; /reset forgets, /exit quits]", file=sys.stderr)

@@ -24,13 +24,12 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .checkpoint import atomic_write, atomic_write_text
-from .config import MoGUConfig
-from .data_building import left_pad
-from .data import pad_id_of
-from .patching import all_targets, is_patched, mode, patched_modules
+from ..checkpoint import atomic_write, atomic_write_text
+from ..config import MoGUConfig
+from ..patching import all_targets, is_patched, mode, patched_modules
+from ..prompting import encode_prompt, format_prompt, pad_id_of
+from .common import left_pad
 from .prompt_files import read_prompt_file
-from .prompting import encode_prompt, format_prompt
 
 PROBE_FILE = "probe.json"
 PROBE_PLOT = "probe.png"

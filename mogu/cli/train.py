@@ -1,7 +1,7 @@
 """``mogu train-expert`` and ``mogu train-router``: the two MoGU training stages.
 
 Data files, adapter folders, the router file, the output folder and the model path are
-checked before the model loads (``mogu.cli_common``). Multi-GPU: ``accelerate launch -m
+checked before the model loads (``mogu.cli.common``). Multi-GPU: ``accelerate launch -m
 mogu.cli train-router ...`` (each process holds the whole model; data-parallel through
 accelerate).
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from .cli_common import (EXPLAIN_M, GGUF_HELP, MODEL_HELP, check_adapter_folder, check_files, check_model,
+from .common import (EXPLAIN_M, GGUF_HELP, MODEL_HELP, check_adapter_folder, check_files, check_model,
                          check_out, check_positive, check_tokenizer, load_training_model)
-from .training import COMMON_DEFAULTS, EXPERT_DEFAULTS, ROUTER_DEFAULTS
+from ..training import COMMON_DEFAULTS, EXPERT_DEFAULTS, ROUTER_DEFAULTS
 
 _FORMATS = ("Data files: a JSON list (.json) or one JSON value per line (.jsonl) of objects with string "
             "fields 'instruction' and 'output'. Prompts use the tokenizer's chat template, or the Llama-2 "
@@ -153,7 +153,7 @@ def register(subparsers) -> None:
 
 def _check_common(args, command: str) -> None:
     """Options, output folder, tokenizer and model path, checked before the model loads."""
-    from .training import _output_state
+    from ..training.loop import output_state
 
     check_positive(args, "batch_size", "epochs", "max_steps", "max_length", "save_steps", "save_total_limit")
     per_step = "pairs_per_step" if command == "train-expert" else "examples_per_step"
@@ -162,7 +162,7 @@ def _check_common(args, command: str) -> None:
         raise ValueError(f"--{per_step.replace('_', '-')} {getattr(args, per_step)} must be a multiple of "
                          f"--batch-size {args.batch_size}")
     args.out = check_out(args.out)
-    _output_state(args.out, args.overwrite, args.resume)      # FileExistsError / no checkpoint to resume
+    output_state(args.out, args.overwrite, args.resume)      # FileExistsError / no checkpoint to resume
     args.tokenizer = check_tokenizer(args.tokenizer)
     check_model(args, command)
 
@@ -177,8 +177,8 @@ def _common(args) -> dict:
 
 
 def _train_expert(args) -> int:
-    from . import data as mdata
-    from .training import train_expert
+    from ..training import data as mdata
+    from ..training import train_expert
 
     mdata.load_pairs(args.affirm, args.reject)                 # the data files, before the model loads
     _check_common(args, "train-expert")
@@ -192,8 +192,8 @@ def _train_expert(args) -> int:
 
 
 def _train_router(args) -> int:
-    from . import data as mdata
-    from .training import FOLDED_DIR, train_router
+    from ..training import data as mdata
+    from ..training import FOLDED_DIR, train_router
 
     args.glad = check_adapter_folder(args.glad, "glad")
     args.unwill = check_adapter_folder(args.unwill, "unwill")

@@ -72,13 +72,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .checkpoint import atomic_write, atomic_write_json, atomic_write_text
-from .data_building import claim_output_folder, cut_answer, eos_ids, greedy_kwargs, left_pad, model_name
-from .data import pad_id_of
+from ..checkpoint import atomic_write, atomic_write_json, atomic_write_text
+from ..generation import generate
+from ..patching import capture_gates, is_patched, mode
+from ..prompting import encode_prompt, format_prompt, pad_id_of
+from .common import claim_output_folder, cut_answer, eos_ids, greedy_kwargs, left_pad, model_name
 from .jailbreak_templates import Template, apply_template, load_templates
 from .judge import HarmScorer, Judgement, KeywordJudge, openai_harm_scorer
 from .prompt_files import read_prompt_file
-from .prompting import encode_prompt, format_prompt
 
 RESPONSES_FILE = "responses.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -218,8 +219,6 @@ def _decode(tokenizer, rows: List[List[int]], stops: List[int]) -> List[Tuple[st
 
 @torch.no_grad()
 def _generate_base(model, input_ids, attention_mask, max_new_tokens, pad) -> torch.Tensor:
-    from .patching import is_patched, mode
-
     ctx = mode(model, "base") if is_patched(model) else contextlib.nullcontext()
     with ctx:
         return model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
@@ -231,9 +230,6 @@ def _generate_mogu(model, input_ids, attention_mask, max_new_tokens, mogu_tokens
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MoGU (exact protocol). Returns sequences (B, T + new), gates over the prompt
     (B, L, 2) and over the first generated tokens (B, L, 2), fp32 CPU."""
-    from .generation import generate
-    from .patching import capture_gates, mode
-
     T = input_ids.shape[1]
     with mode(model, "mogu"), capture_gates(model) as captured:
         seqs, steps = generate(model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
@@ -563,8 +559,6 @@ def evaluate(model: nn.Module, tokenizer, prompt_files: PromptFiles = None, *, o
     FileExistsError when ``out`` holds results and neither resume nor overwrite is set.
     """
     from tqdm.auto import tqdm
-
-    from .patching import is_patched
 
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -4,34 +4,33 @@ Each command lives in its own module that defines ``register(subparsers)``, addi
 or more sub-commands whose parsers set ``func`` (called with the parsed args, returning
 an exit code). Add a module name to COMMAND_MODULES to add commands. What the commands
 share (model options, path checks before the model loads, loading, the one-line error
-``mogu CMD: error: ...``) is in ``mogu.cli_common``.
+``mogu CMD: error: ...``) is in :mod:`mogu.cli.common`.
 """
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import List, Optional
 
-from . import cli_common
+from . import common
 
 COMMAND_MODULES = [
-    "mogu.cli_generate",   # mogu generate, mogu chat
-    "mogu.cli_train",      # mogu train-expert, mogu train-router
-    "mogu.cli_eval",       # mogu build-data, mogu eval
-    "mogu.cli_safety",     # mogu calibrate, mogu probe
-    "mogu.cli_serve",      # mogu export-vllm
+    "mogu.cli.generate",   # mogu generate, mogu chat
+    "mogu.cli.train",      # mogu train-expert, mogu train-router
+    "mogu.cli.eval",       # mogu build-data, mogu eval
+    "mogu.cli.safety",     # mogu calibrate, mogu probe
+    "mogu.cli.serve",      # mogu export-vllm
 ]
 
 
-def build_parser() -> cli_common.ArgumentParser:
-    parser = cli_common.ArgumentParser(
+def build_parser() -> common.ArgumentParser:
+    parser = common.ArgumentParser(
         prog="mogu", description="MoGU: safe/usable LoRA experts with per-token routers",
         epilog="Errors are one line 'mogu COMMAND: error: ...' with exit code 1 (2 for bad options); --debug or "
-               f"{cli_common.DEBUG_ENV}=1 adds the traceback. Every path given is checked before the model loads.")
-    parser.add_argument("--version", action="version", version=cli_common.version_line())
+               f"{common.DEBUG_ENV}=1 adds the traceback. Every path given is checked before the model loads.")
+    parser.add_argument("--version", action="version", version=common.version_line())
     parser.add_argument("--debug", action="store_true", default=False,
                         help=f"on an error, print the Python traceback too (default: off; also "
-                             f"{cli_common.DEBUG_ENV}=1)")
+                             f"{common.DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -42,7 +41,7 @@ def build_parser() -> cli_common.ArgumentParser:
             raise
         module.register(sub)
     for command_parser in sub.choices.values():
-        cli_common.add_debug_arg(command_parser)
+        common.add_debug_arg(command_parser)
     return parser
 
 
@@ -55,8 +54,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return cli_common.run(args)
+    return common.run(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import prompting as _prompting
+from .. import prompting as _prompting
 
 IGNORE_INDEX = -100
 FIELDS = ("instruction", "output")
@@ -234,15 +234,6 @@ def tokenize_labelled(tokenizer, examples: Sequence[Example], max_length: int,
 
 
 # ---------------------------------------------------------------- batching
-def pad_id_of(tokenizer) -> int:
-    """The id used for padding: pad, else eos, else 0 (padded positions are masked anyway)."""
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    return 0
-
-
 def pad_features(features: Sequence[Dict[str, List[int]]], pad_id: int) -> Dict[str, torch.Tensor]:
     """Right-pad to the longest sequence.
 

@@ -34,10 +34,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
-from .checkpoint import OWN_CONFIG, atomic_write, atomic_write_text
-from .config import MoGUConfig
-from .evaluation import PromptFiles, evaluate
-from .patching import is_patched, router_offset, set_router_offset
+from ..checkpoint import OWN_CONFIG, atomic_write, atomic_write_text
+from ..config import MoGUConfig
+from ..patching import is_patched, router_offset, set_router_offset
+from .evaluator import PromptFiles, evaluate
 
 DEFAULT_OFFSETS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 CALIBRATION_FILE = "calibration.json"

@@ -13,7 +13,7 @@ evaluation only). Each row: ``{"instruction", "label": "benign"|"malicious", "ca
   lands in one split, so no split holds a paraphrase of another split's row;
 * groups are shuffled with a fixed seed and dealt per category in the ratio 60 / 20 / 20.
 
-Regenerate after editing a raw file with ``python -m mogu.safety_data``; the tests check
+Regenerate after editing a raw file with ``python -m mogu.evaluation.safety_data``; the tests check
 that the shipped splits are exactly what this produces, and that no pair across splits
 is a near-duplicate. Tune every setting on ``validation``; report ``test`` once.
 """
@@ -25,7 +25,10 @@ import random
 import re
 from typing import Dict, Iterable, List, Sequence, Tuple
 
-SAFETY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "safety")
+from ..checkpoint import atomic_write_text
+
+# The shipped set lives in the package data folder mogu/samples/safety.
+SAFETY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "safety")
 RAW_DIR = os.path.join(SAFETY_DIR, "raw")
 RAW_FILES = ("benign.jsonl", "borderline.jsonl", "malicious.jsonl", "jailbreak.jsonl")
 TEMPLATES_DIR = os.path.join(SAFETY_DIR, "jailbreak_templates")
@@ -197,7 +200,6 @@ def make_splits(raw_dir: str = RAW_DIR, out_dir: str = SAFETY_DIR, seed: int = S
     rows = read_raw(raw_dir)
     names = assign_splits(rows, seed)
     result = {s: [r for r, n in zip(rows, names) if n == s] for s in SPLITS}
-    from .checkpoint import atomic_write_text
     for s, part in result.items():
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
         atomic_write_text(os.path.join(out_dir, f"{s}.jsonl"), text)

@@ -34,7 +34,7 @@ def register(subparsers) -> None:
 
 
 def run_export_vllm(args) -> int:
-    from .vllm_plugin import export_vllm
+    from ..vllm_plugin import export_vllm
 
     out = export_vllm(args.model, args.mogu, args.out, gguf_file=args.gguf_file, dtype=args.dtype,
                       overwrite=args.overwrite)

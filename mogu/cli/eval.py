@@ -5,29 +5,22 @@
                     --borderline F) [--templates PATH] --out DIR
 
 ``--model`` is a local Hugging Face model folder, a folder holding one GGUF file (or several,
-with ``--gguf-file``), or a hub name (``mogu.cli_common``). Every file and folder given is
-checked before the model loads. See ``mogu.data_building`` and ``mogu.evaluation`` for the
-files written, ``mogu.jailbreak_templates`` for template files.
+with ``--gguf-file``), or a hub name (``mogu.cli.common``). Every file and folder given is
+checked before the model loads. See ``mogu.evaluation.data_building`` and ``mogu.evaluation.evaluator`` for the
+files written, ``mogu.evaluation.jailbreak_templates`` for template files.
 """
 from __future__ import annotations
 
 import argparse
 import os
 
-from .cli_common import (EXPLAIN_M, add_batch_args, add_model_args, check_model, check_mogu_folder,
-                         check_out_files, check_positive, load_inference_model)
-from .data_building import CACHE_FILE, FILES, REPORT_FILE
-
-
-def _model_args(p: argparse.ArgumentParser, with_mogu: bool) -> None:
-    g = add_model_args(p, mogu="optional" if with_mogu else None,
-                       mogu_help="MoGU folder (own format, folded or not, or a published release root); without it "
-                                 "only the base model is evaluated")
-    add_batch_args(g)
+from ..evaluation.data_building import CACHE_FILE, FILES, REPORT_FILE
+from .common import (EXPLAIN_M, add_eval_model_args, check_model, check_mogu_folder, check_out_files, check_positive,
+                     load_inference_model)
 
 
 def _read_phrases(path):
-    from .data_building import read_refusals
+    from ..evaluation.data_building import read_refusals
     return read_refusals(path)      # same layout: JSON list of strings or one per line
 
 
@@ -44,7 +37,7 @@ def register(subparsers) -> None:
                "(unwill, stage 1); router_data.json + router_labels.json (stage 2, 1 = malicious).\n\n"
                "Example: mogu build-data --model M --instructions mogu/samples/instructions_train.json "
                f"--out runs/data\n{EXPLAIN_M}")
-    _model_args(b, with_mogu=False)
+    add_eval_model_args(b, with_mogu=False)
     g = b.add_argument_group("data")
     g.add_argument("--instructions", nargs="+", default=None,
                    help="prompt files whose every row has a label benign/malicious (default: none)")
@@ -53,7 +46,7 @@ def register(subparsers) -> None:
                    help="prompt files of malicious instructions (default: none)")
     g.add_argument("--refusals", default=None,
                    help="refusal templates: a JSON list of strings or a text file, one per line "
-                        "(default: mogu.data_building.DEFAULT_REFUSALS)")
+                        "(default: mogu.evaluation.data_building.DEFAULT_REFUSALS)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generated answer (default: %(default)s)")
     g.add_argument("--retries", type=int, default=2,
                    help="sampled retries for an answer judged a refusal or empty (default: %(default)s)")
@@ -85,7 +78,7 @@ def register(subparsers) -> None:
                "takes its own such files in name order.\n\n"
                "Example: mogu eval --model M --mogu runs/router/folded "
                f"--prompts mogu/samples/instructions_heldout.json --out runs/eval\n{EXPLAIN_M}")
-    _model_args(e, with_mogu=True)
+    add_eval_model_args(e, with_mogu=True)
     g = e.add_argument_group("prompts and judging")
     g.add_argument("--prompts", nargs="+", default=None, help="prompt files, labels from their rows (default: none)")
     g.add_argument("--benign", nargs="+", default=None, help="prompt files labelled benign (default: none)")
@@ -102,7 +95,7 @@ def register(subparsers) -> None:
     g.add_argument("--no-base", action="store_true", help="skip the base-model column (default: compare)")
     g.add_argument("--refusal-phrases", default=None,
                    help="refusal phrases of the keyword judge: JSON list or one per line "
-                        "(default: mogu.judge.DEFAULT_REFUSAL_PHRASES)")
+                        "(default: mogu.evaluation.judge.DEFAULT_REFUSAL_PHRASES)")
     g.add_argument("--judge-url", default=None,
                    help="OpenAI-compatible endpoint for a 0..1 harmfulness score; key from $OPENAI_API_KEY "
                         "(default: off)")
@@ -117,8 +110,8 @@ def register(subparsers) -> None:
 
 
 def run_build_data(args) -> int:
-    from .data_building import OWNED_FILES, build_data, read_refusals
-    from .prompt_files import read_prompt_file
+    from ..evaluation.data_building import OWNED_FILES, build_data, read_refusals
+    from ..evaluation.prompt_files import read_prompt_file
 
     if not (args.instructions or args.benign or args.malicious):
         raise ValueError("give --instructions, or --benign and --malicious")
@@ -149,9 +142,9 @@ def run_build_data(args) -> int:
 
 
 def run_eval(args) -> int:
-    from .evaluation import OWNED_FILES, evaluate
-    from .jailbreak_templates import load_templates
-    from .prompt_files import read_prompt_file
+    from ..evaluation.evaluator import OWNED_FILES, evaluate
+    from ..evaluation.jailbreak_templates import load_templates
+    from ..evaluation.prompt_files import read_prompt_file
 
     if not (args.prompts or args.benign or args.malicious or args.borderline):
         raise ValueError("give --prompts, --benign, --malicious or --borderline")
