@@ -2,12 +2,17 @@
 # GPU check for a CUDA machine without network access (under 8 minutes on an H100/H200):
 #   1. install this project in place (builds the C++/CUDA extension for the local GPU arch);
 #   2. every test marked `gpu`, then the rest of the kernel test files on the GPU;
-#   3. the CUDA layer benchmark (benchmarks/throughput.py --device cuda);
-#   4. a short summary table, printed last.
+#   3. the CUDA layer benchmark (benchmarks/throughput.py --device cuda; its triton rows
+#      include the forced fused / split / split-K paths);
+#   4. the split-K decode benchmark: fused vs split-K (the heuristic's count and forced
+#      counts 2, 4, 8) at M = 1, 4, 16, K = N = 4096, bf16, r = 8 (benchmarks/cuda_layer_bench.py;
+#      skip with SPLITK_SWEEP=0);
+#   5. short summary tables, printed last.
 # Usage: bash benchmarks/gpu_check.sh     Logs (install, pytest_gpu, pytest_kernels, tests,
-# bench), throughput_cuda.json and its PNG go to $RESULTS_DIR (default: $OUT if set, else
-# bench_results/): 7 files. Each step has a time limit (120 + 200 + 170 s) so the whole
-# script stays under 8 minutes; the exit status is non-zero if any step failed.
+# bench, splitk), throughput_cuda.json, its PNG and splitk_decode.json go to $RESULTS_DIR
+# (default: $OUT if set, else bench_results/): 9 files. Each step has a time limit
+# (120 + 200 + 170 + 100 s) so the whole script stays under 10 minutes (8 with
+# SPLITK_SWEEP=0); the exit status is non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS_DIR=${RESULTS_DIR:-${OUT:-bench_results}}
@@ -82,6 +87,13 @@ cat "$RESULTS_DIR/tests.log"
 step "layer benchmark" 170 "$RESULTS_DIR/bench.log" \
     python benchmarks/throughput.py --device cuda --json "$RESULTS_DIR/throughput_cuda.json"
 
+# Split-K decode (issue 16 item 6): re-measure the heuristic (triton_backend.split_k_count).
+if [ "${SPLITK_SWEEP:-1}" != "0" ]; then
+    step "split-K decode bench" 100 "$RESULTS_DIR/splitk.log" \
+        python benchmarks/cuda_layer_bench.py --backends triton --d 4096 --ranks 8 --Ms 1,4,16 \
+            --paths fused,splitk --split-k 2,4,8 --json "$RESULTS_DIR/splitk_decode.json"
+fi
+
 echo
 echo "================ summary ($((SECONDS - T0))s) ================"
 printf '%s\n' "${SUMMARY[@]}"
@@ -100,6 +112,27 @@ for s in shapes:
     cell = {r["impl"]: r for r in rows if r["shape"] == s}
     line = f"{s:<28}{cell['base']['ms']:>9.4f}"
     line += "".join(f"{cell[i]['ratio_to_base']:>19.2f}x" if i in cell else f"{'-':>20}" for i in impls)
+    print(line)
+EOF
+python - "$RESULTS_DIR/splitk_decode.json" <<'EOF'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["rows"]
+except (OSError, ValueError, KeyError) as exc:
+    print(f"\n(no split-K results: {exc})"); sys.exit(0)
+print("\nsplit-K decode: time / cuBLAS base F.linear (lower is better); auto = mogu:triton")
+cols = [("auto", "mogu:triton"), ("fused", "mogu:triton/fused")]
+cols += [(r["impl"].split("/", 1)[1], r["impl"]) for r in rows if r["impl"].startswith("mogu:triton/splitk")]
+cols = list(dict.fromkeys(cols))
+print(f"{'shape':<28}{'base ms':>9}" + "".join(f"{c:>11}" for c, _ in cols) + "   best split-K vs fused")
+for s in dict.fromkeys(r["shape"] for r in rows):
+    cell = {r["impl"]: r for r in rows if r["shape"] == s}
+    line = f"{s:<28}{cell['base']['ms']:>9.4f}"
+    line += "".join(f"{cell[i]['ratio_to_base']:>10.2f}x" if i in cell else f"{'-':>11}" for _, i in cols)
+    split = [r for r in cell.values() if r["impl"].startswith("mogu:triton/splitk")]
+    if split and "mogu:triton/fused" in cell:
+        best = min(split, key=lambda r: r["ms"])
+        line += f"   SPLIT_K={best['split_k']}: {cell['mogu:triton/fused']['ms'] / best['ms']:.2f}x faster"
     print(line)
 EOF
 exit $FAILED

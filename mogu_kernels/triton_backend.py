@@ -6,9 +6,10 @@ raises ImportError when triton is missing, so ``_optional_backends`` simply skip
 Devices: CUDA always; CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``
 set before this module is imported, which is how CI tests the kernels without a GPU).
 
-Forward path, chosen by the number of rows M = x.numel() / K:
+Forward path, chosen by the number of rows M = x.numel() / K (and, for split-K, N and K):
 
-* M <= ``FUSED_MAX_M`` (64): ``mogu_fused_kernel``, ONE launch. At these sizes the layer is
+* M <= ``SPLITK_MAX_M`` (16) with a small N-grid: split-K decode, two launches (below).
+* otherwise M <= ``FUSED_MAX_M`` (64): ``mogu_fused_kernel``, ONE launch. At these sizes the layer is
   bound by streaming W (and launch latency); recomputing the tiny stacked shrink per
   output tile costs (E*r padded)/BLOCK_N extra tensor-core FLOPs that are idle anyway,
   while a second launch would add a dependent kernel (~2-5 us) to a ~10 us layer.
@@ -19,13 +20,31 @@ Forward path, chosen by the number of rows M = x.numel() / K:
 The threshold is a first guess from that arithmetic; it is one constant to re-measure on
 a GPU (``benchmarks/cuda_layer_bench.py`` times both through ``path=``).
 
+Split-K decode (``path="splitk"``; ``mogu_splitk_partial_kernel`` + ``mogu_splitk_reduce_kernel``,
+see the kernels module): at M <= 16 the layer streams W, and the fused kernel's grid is
+only cdiv(N, BLOCK_N) programs (64 at N = 4096, BLOCK_N = 64), too few to keep the memory
+system of a 108-132 SM GPU busy. ``split_k_count(N, K)`` is the documented heuristic: with
+``SPLITK_BLOCK_N`` = 64 (the partial kernel's default tile) the smallest power of two
+SPLIT_K such that cdiv(N, 64) * SPLIT_K >= 2 * ``NOMINAL_SMS`` (128: between A100's 108
+and H100/H200's 132; a fixed nominal value, so the choice does not depend on the device),
+at most ``SPLITK_MAX`` (16) and with K slices of at least ``SPLITK_MIN_K`` (256) columns.
+``path="auto"`` takes split-K when M <= ``SPLITK_MAX_M`` (16) and that count is >= 2
+(N = K = 4096: SPLIT_K = 4, 256 programs; N-grids already >= 256 programs or K < 512 stay
+fused). ``MOGU_TRITON_SPLIT_K`` (read per call) overrides the count for benchmarks: an
+integer n in 1..64 is used by every split-K launch, and "auto" then takes split-K for every
+M <= 16 iff n >= 2 (so "1", or "0", turns split-K off for "auto"). The cost is a second,
+small launch and an fp32 workspace of M * SPLIT_K * (N + E*r + E) values, written once and
+read once (at M = 16, N = 4096, SPLIT_K = 4: 1 MiB, vs 32 MiB of bf16 W). Unmeasured: the
+constants above are first guesses to re-measure on a GPU (``benchmarks/cuda_layer_bench.py``
+times "fused" vs "splitk" at M = 1, 4, 16 and sweeps the count).
+
 Autotuning (not under the interpreter, which gets one fixed small config): separate
-config sets for decode (M <= 16) and mid-size (16 < M <= 64) fused launches and for
-the prefill split kernels, keyed on a bucketed M (``M_KEY``), N, K, the rank width and
-the dtypes. The first call at a new key benchmarks its configs, so warm up before
-capturing a CUDA graph. ``MOGU_TRITON_AUTOTUNE=0`` (read per call) skips autotuning and
-uses each list's first config that fits: one compile per shape class, for correctness
-tests on a GPU.
+config sets for decode (M <= 16) and mid-size (16 < M <= 64) fused launches, for the
+split-K decode kernels and for the prefill split kernels, keyed on a bucketed M
+(``M_KEY``), N, K, the rank width (and the split count) and the dtypes. The first call
+at a new key benchmarks its configs, so warm up before capturing a CUDA graph.
+``MOGU_TRITON_AUTOTUNE=0`` (read per call) skips autotuning and uses each list's first
+config that fits: one compile per shape class, for correctness tests on a GPU.
 
 Backward (``_backward``) saves per token only x (the op's input, kept anyway by
 autograd's graph) and ``saved`` = [x S^T (E*r values) | gates (E values)] in fp32,
@@ -36,6 +55,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 from typing import Dict, Optional, Tuple
 
@@ -51,7 +71,7 @@ except ImportError as exc:  # the backend simply is not registered
 from .dispatch import Backend, register_backend
 from .reference import reference_mogu_linear
 from .triton_kernels import (EVEN_K_HEURISTIC, mogu_fused_kernel, mogu_gemm_expand_kernel,
-                             mogu_shrink_router_kernel)
+                             mogu_shrink_router_kernel, mogu_splitk_partial_kernel, mogu_splitk_reduce_kernel)
 from .validation import accumulation_dtype
 
 # Whether the kernels above were created by the interpreter (@triton.jit decides at
@@ -59,7 +79,16 @@ from .validation import accumulation_dtype
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 FUSED_MAX_M = 64          # rows up to which the single-launch fused kernel runs (see module doc)
-PATHS = ("auto", "fused", "split")
+PATHS = ("auto", "fused", "split", "splitk")
+
+# Split-K decode heuristic (module doc; ``split_k_count``).
+SPLITK_MAX_M = 16         # "auto" considers split-K only up to this many rows
+NOMINAL_SMS = 128         # nominal SM count: aim for >= 2 * NOMINAL_SMS programs
+SPLITK_BLOCK_N = 64       # the N tile the heuristic assumes (first SPLITK_PARTIAL_CONFIGS entry)
+SPLITK_MIN_K = 256        # smallest K slice worth a program
+SPLITK_MAX = 16           # largest heuristic split count
+SPLIT_K_ENV = "MOGU_TRITON_SPLIT_K"   # override of the count ("auto" or 0..64), read per call
+_SPLIT_K_ENV_MAX = 64
 
 # Kernel launches by kernel name, counted by the launchers: lets tests prove the Triton
 # kernels ran (a silent fallback to another backend would leave it unchanged).
@@ -104,12 +133,30 @@ GEMM_CONFIGS = [
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
 ]
 
+# Split-K decode, step 1: W streamed in (BLOCK_N x K/SPLIT_K) slabs. BLOCK_N stays 64 in
+# the regular configs because the split count was chosen for cdiv(N, 64) tiles; only the
+# K blocking and pipelining are tuned.
+SPLITK_PARTIAL_CONFIGS = [
+    _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
+    _cfg(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256),
+    _cfg(4, 5, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64),
+    _cfg(8, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
+]
+# Split-K decode, step 2: reads M * SPLIT_K * N fp32 partials, one expand per tile.
+SPLITK_REDUCE_CONFIGS = [
+    _cfg(4, 2, BLOCK_M=16, BLOCK_N=64),
+    _cfg(4, 2, BLOCK_M=16, BLOCK_N=128),
+    _cfg(4, 2, BLOCK_M=16, BLOCK_N=32),
+]
+
 # One fixed config per kernel under the interpreter: autotune is fragile there, num_warps
 # and num_stages are ignored, and bigger tiles only cost numpy time per program.
 _INTERPRET_CONFIGS = {
     "fused": _cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32),
     "shrink": _cfg(4, 1, BLOCK_M=32, BLOCK_K=32),
     "gemm": _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
+    "splitk_partial": _cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32),
+    "splitk_reduce": _cfg(4, 1, BLOCK_M=16, BLOCK_N=32),
 }
 
 _MAX_SMEM: Optional[int] = None
@@ -135,14 +182,17 @@ def _make_pruner(tile_rows, holds_shrink: bool, fallbacks):
 
     tile_rows(meta, block_r) -> rows of the K-slices staged per pipeline stage. The
     estimate stages * BLOCK_K * rows * itemsize is ~1.3x the shared memory that Triton 3.9
-    allocates for these kernels on sm_90 (checked by compiling them offline)."""
+    allocates for these kernels on sm_90 (checked by compiling them offline). A kernel
+    without a K loop (the split-K reduce) has no BLOCK_K: tile_rows then gives the elements
+    of its staged operands directly. The itemsize is that of the first tensor argument
+    (x, or the fp32 workspace for the reduce: an over-estimate for 16-bit B tiles)."""
     def prune(configs, named_args, **kwargs):
-        elsize = named_args["x_ptr"].element_size()
+        elsize = next(iter(named_args.values())).element_size()     # the first argument (x_ptr / ws_ptr)
         block_r = kwargs.get("BLOCK_R", 16)
         limit = _max_shared_memory()
 
         def smem(c):
-            return c.num_stages * c.kwargs["BLOCK_K"] * tile_rows(c.kwargs, block_r) * elsize
+            return c.num_stages * c.kwargs.get("BLOCK_K", 1) * tile_rows(c.kwargs, block_r) * elsize
 
         def fits(c):
             regs_ok = not holds_shrink or c.kwargs["BLOCK_M"] * block_r <= 16384
@@ -159,26 +209,30 @@ class _Kernel:
     still runs out of shared memory, the smallest fallback config is used from then on
     for that specialization.
 
-    The kernels' derived meta-parameters (``EVEN_K_HEURISTIC``: EVEN_K from K and the
-    config's BLOCK_K) are added by a ``triton.heuristics`` wrapper under the autotuner, and
-    by ``_meta`` wherever this class picks the config itself; ``_run`` gets the full meta."""
+    The kernels' derived meta-parameters (``heuristics``, by default ``EVEN_K_HEURISTIC``:
+    EVEN_K from K and the config's BLOCK_K; none for the split-K reduce, which has no K
+    loop) are added by a ``triton.heuristics`` wrapper under the autotuner, and by
+    ``_meta`` wherever this class picks the config itself; ``_run`` gets the full meta."""
 
-    def __init__(self, name, fn, configs, fallbacks, key, tile_rows, holds_shrink):
+    def __init__(self, name, fn, configs, fallbacks, key, tile_rows, holds_shrink, heuristics=EVEN_K_HEURISTIC):
         self.name = name
         self.fn = fn
         self.configs = configs
         self.fallbacks = fallbacks
+        self.heuristics = heuristics
         self.prune = _make_pruner(tile_rows, holds_shrink, fallbacks)
         self._too_big: set = set()      # specializations where the pruned choice ran out of resources
         self._positions = {n: i for i, n in enumerate(fn.arg_names)}
-        # The kernels only write fresh outputs, so benchmarking needs no reset/restore.
-        self.tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": self.prune})(
-            triton.heuristics(EVEN_K_HEURISTIC)(fn))
+        # The kernels only write fresh outputs (the split-K partials included: every
+        # workspace element is written before it is read), so benchmarking needs no
+        # reset/restore.
+        tuned = triton.heuristics(heuristics)(fn) if heuristics else fn
+        self.tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": self.prune})(tuned)
 
     def _meta(self, cfg, args, meta):
         """meta plus the heuristic meta-parameters for config ``cfg``."""
         named = {**{n: args[i] for n, i in self._positions.items() if i < len(args)}, **meta, **cfg.kwargs}
-        return {**meta, **{name: rule(named) for name, rule in EVEN_K_HEURISTIC.items()}}
+        return {**meta, **{name: rule(named) for name, rule in self.heuristics.items()}}
 
     def _run(self, cfg, grid, args, meta):
         self.fn[grid(cfg.kwargs)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -191,7 +245,7 @@ class _Kernel:
         LAUNCHES[self.fn.__name__] += 1
         if INTERPRET:
             return self._run_config(_INTERPRET_CONFIGS[self.name], grid, args, meta)
-        spec = (args[0].dtype, tuple(sorted(meta.items())))
+        spec = (tuple(a.dtype for a in args if isinstance(a, torch.Tensor)), tuple(sorted(meta.items())))
         if spec in self._too_big:
             return self._run_config(self.fallbacks[-1], grid, args, meta)
         try:
@@ -218,6 +272,14 @@ _gemm = _Kernel("gemm", mogu_gemm_expand_kernel, GEMM_CONFIGS,
                 [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
                  _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=8)],
                 ["M_KEY", "N", "K", "E", "R"], lambda m, r: m["BLOCK_M"] + m["BLOCK_N"], False)
+# Split-K: the pid_n == 0 partial programs hold the shrink accumulator like the fused kernel.
+_splitk_partial = _Kernel("splitk_partial", mogu_splitk_partial_kernel, SPLITK_PARTIAL_CONFIGS, _FUSED_FALLBACKS,
+                          ["M_KEY", "N", "K", "BLOCK_R", "SPLIT_K"], lambda m, r: m["BLOCK_M"] + m["BLOCK_N"] + r,
+                          True)
+_splitk_reduce = _Kernel("splitk_reduce", mogu_splitk_reduce_kernel, SPLITK_REDUCE_CONFIGS,
+                         [_cfg(4, 1, BLOCK_M=16, BLOCK_N=32), _cfg(4, 1, BLOCK_M=16, BLOCK_N=16)],
+                         ["M_KEY", "N", "BLOCK_R", "SPLIT_K"], lambda m, r: (m["BLOCK_M"] + m["BLOCK_N"]) * r, True,
+                         heuristics={})
 
 
 # --------------------------------------------------------------------------- launchers
@@ -288,10 +350,76 @@ def _launch_split(x2, weight, bias, lora_A, lora_B, rw, rb, base_u8, y, gates, s
                  gemm_args, gemm_meta)
 
 
-def _choose_path(M: int, path: str) -> str:
+def _launch_splitk(x2, weight, bias, lora_A, lora_B, rw, rb, base_u8, y, gates, saved, scaling, split_k):
+    M, K = x2.shape
+    N = weight.shape[0]
+    E, r, _ = lora_A.shape
+    ER = E * r
+    # fp32 partials, M first (strides independent of M). torch.empty: every element is
+    # written by the partial kernel before the reduce reads it.
+    ws = torch.empty((M, split_k, N), dtype=torch.float32, device=x2.device)
+    ws_small = torch.empty((M, split_k, ER + E), dtype=torch.float32, device=x2.device)
+    m_key = max(16, _next_pow2(M))
+    common = dict(_common_meta(x2, E, r), BLOCK_R=max(16, _next_pow2(ER)), SPLIT_K=split_k)
+    partial_args = (
+        x2, weight, lora_A, rw, ws, ws_small,
+        M, N, K, m_key,
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
+        lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), rw.stride(0), rw.stride(1),
+        ws.stride(0), ws.stride(1), ws_small.stride(0), ws_small.stride(1),
+    )
+    _splitk_partial.launch(lambda META: (triton.cdiv(N, META["BLOCK_N"]), split_k, triton.cdiv(M, META["BLOCK_M"])),
+                           partial_args, common)
+    reduce_args = (
+        ws, ws_small, bias if bias is not None else ws, lora_B, rb, base_u8 if base_u8 is not None else ws,
+        y, gates, saved,
+        M, N, m_key, scaling,
+        ws.stride(0), ws.stride(1), ws_small.stride(0), ws_small.stride(1),
+        lora_B.stride(0), lora_B.stride(1), lora_B.stride(2), rb.stride(0),
+        y.stride(0), y.stride(1), gates.stride(0), gates.stride(1), saved.stride(0),
+    )
+    _splitk_reduce.launch(lambda META: (triton.cdiv(N, META["BLOCK_N"]), triton.cdiv(M, META["BLOCK_M"])),
+                          reduce_args, dict(common, HAS_BIAS=bias is not None, HAS_BASE_ROWS=base_u8 is not None))
+
+
+def _split_k_env() -> Optional[int]:
+    """The ``MOGU_TRITON_SPLIT_K`` override: None for unset/empty/"auto", else the count
+    (0 and 1 both mean one slice, i.e. split-K off for path="auto")."""
+    text = os.environ.get(SPLIT_K_ENV, "").strip().lower()
+    if text in ("", "auto"):
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= _SPLIT_K_ENV_MAX:
+        raise ValueError(f"{SPLIT_K_ENV} must be 'auto' or an integer in 0..{_SPLIT_K_ENV_MAX}, got {text!r}")
+    return max(n, 1)
+
+
+def split_k_count(N: int, K: int) -> int:
+    """How many K slices a split-K launch uses for an N x K layer (module doc): the
+    ``MOGU_TRITON_SPLIT_K`` override if set, else the smallest power of two SPLIT_K with
+    cdiv(N, SPLITK_BLOCK_N) * SPLIT_K >= 2 * NOMINAL_SMS, capped at SPLITK_MAX and at K
+    slices of SPLITK_MIN_K columns (1: split-K would not help)."""
+    forced = _split_k_env()
+    if forced is not None:
+        return forced
+    n_tiles = triton.cdiv(N, SPLITK_BLOCK_N)
+    split = 1
+    while n_tiles * split < 2 * NOMINAL_SMS and split * 2 <= SPLITK_MAX and K >= split * 2 * SPLITK_MIN_K:
+        split *= 2
+    return split
+
+
+def _choose_path(M: int, N: int, K: int, path: str) -> str:
+    """"auto" -> "splitk" (M <= SPLITK_MAX_M and split_k_count(N, K) >= 2), else "fused"
+    (M <= FUSED_MAX_M), else "split"; a named path is returned as is."""
     if path not in PATHS:
         raise ValueError(f"mogu_linear[triton]: path must be one of {PATHS}, got {path!r}")
     if path == "auto":
+        if M <= SPLITK_MAX_M and split_k_count(N, K) >= 2:
+            return "splitk"
         return "fused" if M <= FUSED_MAX_M else "split"
     return path
 
@@ -317,7 +445,11 @@ def _forward_impl(x, weight, bias, lora_A, lora_B, router_weight, router_bias, s
         return y, gates, saved
     _check_runnable(x)
     base_u8 = None if base_rows is None else base_rows.reshape(-1).view(torch.uint8)
-    launch = _launch_fused if _choose_path(M, path) == "fused" else _launch_split
+    chosen = _choose_path(M, N, K, path)
+    if chosen == "splitk":
+        launch = functools.partial(_launch_splitk, split_k=split_k_count(N, K))
+    else:
+        launch = _launch_fused if chosen == "fused" else _launch_split
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         launch(x2, weight, bias, lora_A, lora_B, router_weight, router_bias, base_u8,
                y.view(M, N), gates.view(M, E), saved.view(M, E * r + E), float(scaling))
@@ -340,7 +472,7 @@ def triton_linear(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``mogu::triton_linear``: the Triton forward of ``mogu_linear`` (arguments validated by the caller).
 
-    Shapes as in :func:`mogu_kernels.mogu_linear`; ``path`` is "auto" | "fused" | "split".
+    Shapes as in :func:`mogu_kernels.mogu_linear`; ``path`` is "auto" | "fused" | "split" | "splitk".
     Returns (y (..., N) x.dtype, gates (..., E) x.dtype, saved (..., E*r + E) fp32), where
     ``saved`` = [x A_0^T, ..., x A_{E-1}^T (unscaled shrink) | fp32 gates] is what backward
     needs per token (not differentiable).
@@ -453,7 +585,8 @@ def triton_mogu_linear(
     """``mogu_linear`` on the Triton kernels; arguments and result as in
     :func:`mogu_kernels.mogu_linear` (validated there). fp32/fp16/bf16 run the kernels;
     fp64 (no fp64 tensor-core dot) runs the reference implementation. ``path`` forces
-    the "fused" or "split" forward (tests, benchmarks); "auto" picks by M (module doc)."""
+    the "fused", "split" or "splitk" forward (tests, benchmarks; "splitk" uses
+    ``split_k_count(N, K)`` slices); "auto" picks by M, N and K (module doc)."""
     if x.dtype == torch.float64:
         return reference_mogu_linear(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows)
     y, gates, _ = torch.ops.mogu.triton_linear(x, weight, bias, lora_A, lora_B, router_weight, router_bias,
@@ -470,4 +603,5 @@ def _supports_device(device: torch.device) -> bool:
 
 register_backend(Backend(name="triton", fn=triton_mogu_linear, supports_device=_supports_device))
 
-__all__ = ["triton_mogu_linear", "triton_linear", "LAUNCHES", "FUSED_MAX_M", "INTERPRET"]
+__all__ = ["triton_mogu_linear", "triton_linear", "split_k_count", "LAUNCHES", "FUSED_MAX_M", "SPLITK_MAX_M",
+           "SPLIT_K_ENV", "INTERPRET"]

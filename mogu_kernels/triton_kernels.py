@@ -15,7 +15,7 @@ Every kernel also writes ``saved`` (M, E*R + E) fp32: columns [0, E*R) hold the 
 shrink z, columns [E*R, E*R + E) the fp32 gates g. Backward needs exactly that per token
 (besides x), and the split path's GEMM reads its epilogue operands from it.
 
-Three kernels:
+Five kernels:
 
 * ``mogu_fused_kernel``: decode and small batches; ONE launch. Each program owns one
   (BLOCK_M x BLOCK_N) output tile; in one K loop it reads an x tile once and feeds three
@@ -28,6 +28,19 @@ Three kernels:
   M, where the recomputed shrink would cost real tensor-core time: a small launch
   computes z and g once per row, then a grouped GEMM applies gates/expand in its
   epilogue, reading z and g from ``saved``.
+* ``mogu_splitk_partial_kernel`` + ``mogu_splitk_reduce_kernel``: the split-K decode path
+  (M <= 16 when N alone gives too few programs to stream W at full bandwidth). Grid
+  (N tiles, SPLIT_K, M tiles): program (n, s, m) runs the shared K loop over K slice s only
+  and writes its fp32 partial x W^T tile to the workspace ``ws`` (M, SPLIT_K, N); the
+  pid_n == 0 programs also run the shrink/router products over that slice and write
+  ``ws_small`` (M, SPLIT_K, E*R + E) = [partial z | partial logits]. The reduce kernel
+  (grid (N tiles, M tiles)) sums the partials in the fixed order s = 0, 1, ..., SPLIT_K-1
+  (sequential fp32 adds from 0: no atomics, so the result is the same on every run with
+  the same config) and then runs the fused kernel's epilogue unchanged. K slice s is
+  [s * KS, min((s + 1) * KS, K)) with KS = cdiv(cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K, a
+  multiple of BLOCK_K, so EVEN_K still means "no ragged K block" in every slice; a slice
+  past K is empty and its partials are exact zeros. The workspace puts M first so that
+  its strides do not depend on M (no re-specialization per row count).
 
 Shared conventions: accumulation in fp32; the router logits are an fp32 broadcast-reduce
 (exact fp32 whatever x's dtype, no padding of E to a 16-wide dot); ``INPUT_PRECISION``
@@ -43,7 +56,9 @@ Shared pieces (the pattern of vLLM's LoRA ``kernel_utils``): the K loop is one
 forward by BLOCK_K. ``EVEN_K`` (K % BLOCK_K == 0, set per launch by ``EVEN_K_HEURISTIC``)
 is its fast path: no ragged last K block, so the K loads carry only their loop-invariant
 row/column masks. The epilogue pieces (gates from logits, gate-sum row scale plus bias,
-one expand of rank-space-scaled shrink columns, the stores) are helpers too.
+one expand of rank-space-scaled shrink columns, the stores) are helpers too, and the
+whole epilogue of a program that holds a finished x W^T tile, shrink and logits is one
+helper, ``_fused_epilogue``, shared by the fused kernel and the split-K reduce.
 """
 from __future__ import annotations
 
@@ -218,6 +233,38 @@ def _store_gates_and_saved(gates, shrink, gates_ptr, saved_ptr, offs_m, m_mask, 
              mask=m_mask[:, None] & (offs_c < ER)[None, :])
 
 
+@triton.jit
+def _fused_epilogue(acc, shrink, logits, pid_n, offs_m, m_mask, offs_n, n_mask, offs_c, c_valid, offs_e, e_valid,
+                    bias_ptr, b_ptr, rb_ptr, base_ptr, y_ptr, gates_ptr, saved_ptr, scaling,
+                    stride_be, stride_bn, stride_br, stride_rb, stride_ym, stride_yn, stride_gm, stride_ge, stride_sm,
+                    E: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BASE_ROWS: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Everything after the K loop, given the complete fp32 x W^T tile ``acc`` (BLOCK_M,
+    BLOCK_N), stacked shrink (BLOCK_M, BLOCK_R) and router logits (BLOCK_M, BLOCK_E):
+    gates, gate-sum row scale plus bias, rank-space gating, ONE expand, the y store; the
+    pid_n == 0 programs also store gates and ``saved``. Used by ``mogu_fused_kernel`` and
+    ``mogu_splitk_reduce_kernel``."""
+    ER: tl.constexpr = E * R
+    gates = _gates_from_logits(logits, rb_ptr, offs_e, e_valid, stride_rb)
+    is_base = _base_row_flags(base_ptr, offs_m, m_mask, HAS_BASE_ROWS)
+    mix, gate_sum = _mix_and_gate_sum(gates, is_base, e_valid)
+    acc = _scale_base(acc, gate_sum, bias_ptr, offs_n, n_mask, HAS_BIAS)
+
+    # Rank-space gating: column c of the shrink belongs to expert c // R.
+    col_gate = tl.zeros(shrink.shape, dtype=tl.float32)
+    for e in tl.static_range(E):
+        mix_e = tl.sum(tl.where(offs_e[None, :] == e, mix, 0.0), axis=1)
+        col_gate += tl.where((offs_c // R == e)[None, :], mix_e[:, None], 0.0)
+    # ONE expand with [B_0 | ... | B_{E-1}] adds every expert's delta.
+    acc = _add_expand(acc, shrink, col_gate, scaling, b_ptr, offs_c, c_valid, offs_n, n_mask,
+                      stride_be, stride_bn, stride_br, R, INPUT_PRECISION, UPCAST_DOT)
+
+    _store_y(acc, y_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, stride_yn)
+    if pid_n == 0:  # gates and saved are per row: written once, by the first column of tiles
+        _store_gates_and_saved(gates, shrink, gates_ptr, saved_ptr, offs_m, m_mask, offs_e, e_valid, offs_c,
+                               stride_gm, stride_ge, stride_sm, ER)
+
+
 # --------------------------------------------------------------------------- kernels
 @triton.jit(do_not_specialize=_ROW_COUNT_ARGS)
 def mogu_fused_kernel(
@@ -260,24 +307,10 @@ def mogu_fused_kernel(
         K, stride_xk, stride_wk, stride_ak, stride_rwk,
         BLOCK_K, True, True, EVEN_K, INPUT_PRECISION, UPCAST_DOT)
 
-    gates = _gates_from_logits(logits, rb_ptr, offs_e, e_valid, stride_rb)
-    is_base = _base_row_flags(base_ptr, offs_m, m_mask, HAS_BASE_ROWS)
-    mix, gate_sum = _mix_and_gate_sum(gates, is_base, e_valid)
-    acc = _scale_base(acc, gate_sum, bias_ptr, offs_n, n_mask, HAS_BIAS)
-
-    # Rank-space gating: column c of the shrink belongs to expert c // R.
-    col_gate = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for e in tl.static_range(E):
-        mix_e = tl.sum(tl.where(offs_e[None, :] == e, mix, 0.0), axis=1)
-        col_gate += tl.where((offs_c // R == e)[None, :], mix_e[:, None], 0.0)
-    # ONE expand with [B_0 | ... | B_{E-1}] adds every expert's delta.
-    acc = _add_expand(acc, shrink, col_gate, scaling, b_ptr, offs_c, c_valid, offs_n, n_mask,
-                      stride_be, stride_bn, stride_br, R, INPUT_PRECISION, UPCAST_DOT)
-
-    _store_y(acc, y_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, stride_yn)
-    if pid_n == 0:  # gates and saved are per row: written once, by the first column of tiles
-        _store_gates_and_saved(gates, shrink, gates_ptr, saved_ptr, offs_m, m_mask, offs_e, e_valid, offs_c,
-                               stride_gm, stride_ge, stride_sm, ER)
+    _fused_epilogue(acc, shrink, logits, pid_n, offs_m, m_mask, offs_n, n_mask, offs_c, c_valid, offs_e, e_valid,
+                    bias_ptr, b_ptr, rb_ptr, base_ptr, y_ptr, gates_ptr, saved_ptr, scaling,
+                    stride_be, stride_bn, stride_br, stride_rb, stride_ym, stride_yn, stride_gm, stride_ge, stride_sm,
+                    E, R, HAS_BIAS, HAS_BASE_ROWS, INPUT_PRECISION, UPCAST_DOT)
 
 
 @triton.jit(do_not_specialize=_ROW_COUNT_ARGS)
@@ -375,3 +408,116 @@ def mogu_gemm_expand_kernel(
                           stride_be, stride_bn, stride_br, R, INPUT_PRECISION, UPCAST_DOT)
 
     _store_y(acc, y_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, stride_yn)
+
+
+@triton.jit
+def _k_slice(K, pid_k, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(start, length) of split-K slice ``pid_k``: slices of KS = cdiv(cdiv(K, SPLIT_K),
+    BLOCK_K) * BLOCK_K columns (a multiple of BLOCK_K, so EVEN_K carries over to every
+    slice), the last one ragged; length <= 0 for a slice past K (no K loop iterations)."""
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    return k_start, tl.minimum(k_per_split, K - k_start)
+
+
+@triton.jit(do_not_specialize=_ROW_COUNT_ARGS)
+def mogu_splitk_partial_kernel(
+    x_ptr, w_ptr, a_ptr, rw_ptr, ws_ptr, ws_small_ptr,
+    M, N, K, M_KEY,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_ae, stride_ar, stride_ak, stride_rwe, stride_rwk,
+    stride_wsm, stride_wss, stride_wssm, stride_wsss,
+    E: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, SPLIT_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """Split-K, step 1: grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M)). Program
+    (n, s, m) writes ws[rows, s, cols] = x[:, slice s] W[cols, slice s]^T (fp32); the
+    pid_n == 0 programs also write ws_small[rows, s, :] = [x S^T | x v^T] over slice s
+    (the shrink is computed once per slice, not per N tile). Every workspace element of
+    the launch is written (zeros for an empty slice), so the workspace needs no clearing."""
+    ER: tl.constexpr = E * R
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_start, k_len = _k_slice(K, pid_k, SPLIT_K, BLOCK_K)
+    x_ptrs = _x_tile_ptrs(x_ptr + k_start * stride_xk, offs_m, stride_xm, stride_xk, BLOCK_K)
+    w_ptrs = _w_tile_ptrs(w_ptr + k_start * stride_wk, offs_n, stride_wn, stride_wk, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if pid_n == 0:
+        offs_c = tl.arange(0, BLOCK_R)
+        offs_e = tl.arange(0, BLOCK_E)
+        c_valid = offs_c < ER
+        e_valid = offs_e < E
+        acc, shrink, logits = _k_loop(
+            x_ptrs, m_mask[:, None], w_ptrs, n_mask[None, :],
+            _shrink_tile_ptrs(a_ptr + k_start * stride_ak, offs_c, stride_ae, stride_ar, stride_ak, R, BLOCK_K),
+            c_valid[None, :],
+            _router_tile_ptrs(rw_ptr + k_start * stride_rwk, offs_e, stride_rwe, stride_rwk, BLOCK_K), e_valid[:, None],
+            acc, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32),
+            k_len, stride_xk, stride_wk, stride_ak, stride_rwk,
+            BLOCK_K, True, True, EVEN_K, INPUT_PRECISION, UPCAST_DOT)
+        small_rows = ws_small_ptr + offs_m[:, None] * stride_wssm + pid_k * stride_wsss
+        tl.store(small_rows + offs_c[None, :], shrink, mask=m_mask[:, None] & c_valid[None, :])
+        tl.store(small_rows + ER + offs_e[None, :], logits, mask=m_mask[:, None] & e_valid[None, :])
+    else:
+        acc, _, _ = _k_loop(
+            x_ptrs, m_mask[:, None], w_ptrs, n_mask[None, :],
+            None, None, None, None,
+            acc, None, None,
+            k_len, stride_xk, stride_wk, 0, 0,
+            BLOCK_K, True, False, EVEN_K, INPUT_PRECISION, UPCAST_DOT)
+    tl.store(ws_ptr + offs_m[:, None] * stride_wsm + pid_k * stride_wss + offs_n[None, :], acc,
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit(do_not_specialize=_ROW_COUNT_ARGS)
+def mogu_splitk_reduce_kernel(
+    ws_ptr, ws_small_ptr, bias_ptr, b_ptr, rb_ptr, base_ptr,
+    y_ptr, gates_ptr, saved_ptr,
+    M, N, M_KEY, scaling,
+    stride_wsm, stride_wss, stride_wssm, stride_wsss,
+    stride_be, stride_bn, stride_br, stride_rb,
+    stride_ym, stride_yn, stride_gm, stride_ge, stride_sm,
+    E: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BASE_ROWS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Split-K, step 2: grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)). Sums the SPLIT_K
+    partials of x W^T (this tile), x S^T and x v^T (these rows) in the fixed order
+    s = 0, 1, ..., SPLIT_K - 1, then the fused kernel's epilogue. Every N tile sums the
+    same small partials in the same order, so gates and shrink agree bitwise across
+    tiles and with ``saved``."""
+    ER: tl.constexpr = E * R
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_R)
+    offs_e = tl.arange(0, BLOCK_E)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    c_valid = offs_c < ER
+    e_valid = offs_e < E
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    shrink = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    logits = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    ws_tile = ws_ptr + offs_m[:, None] * stride_wsm + offs_n[None, :]
+    small_rows = ws_small_ptr + offs_m[:, None] * stride_wssm
+    for s in range(SPLIT_K):      # the documented reduction order: s = 0, 1, ..., SPLIT_K - 1
+        acc += tl.load(ws_tile + s * stride_wss, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        shrink += tl.load(small_rows + s * stride_wsss + offs_c[None, :],
+                          mask=m_mask[:, None] & c_valid[None, :], other=0.0)
+        logits += tl.load(small_rows + s * stride_wsss + ER + offs_e[None, :],
+                          mask=m_mask[:, None] & e_valid[None, :], other=0.0)
+
+    _fused_epilogue(acc, shrink, logits, pid_n, offs_m, m_mask, offs_n, n_mask, offs_c, c_valid, offs_e, e_valid,
+                    bias_ptr, b_ptr, rb_ptr, base_ptr, y_ptr, gates_ptr, saved_ptr, scaling,
+                    stride_be, stride_bn, stride_br, stride_rb, stride_ym, stride_yn, stride_gm, stride_ge, stride_sm,
+                    E, R, HAS_BIAS, HAS_BASE_ROWS, INPUT_PRECISION, UPCAST_DOT)

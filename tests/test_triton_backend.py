@@ -1,4 +1,5 @@
-"""The ``triton`` backend in depth: forward, base rows, backward, registration, proof it runs.
+"""The ``triton`` backend in depth: forward, split-K decode, base rows, backward, registration,
+proof it runs.
 
 Without CUDA these run the kernels in the Triton interpreter on CPU tensors (conftest sets
 TRITON_INTERPRET=1 before mogu_kernels is imported); with CUDA the same tests run the
@@ -40,8 +41,10 @@ SCALING = 1.75
 def _no_autotune(monkeypatch):
     """On a GPU, odd test shapes run each list's first fitting config instead of autotuning
     every new shape (minutes of compiles); test_gpu_autotuned_shapes turns autotuning back
-    on. (The interpreter always uses its one fixed config.)"""
+    on. (The interpreter always uses its one fixed config.) The split-K count override is
+    cleared: the tests that want one set it."""
     monkeypatch.setenv(triton_backend.AUTOTUNE_ENV, "0")
+    monkeypatch.delenv(triton_backend.SPLIT_K_ENV, raising=False)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -94,10 +97,11 @@ def test_public_op_auto_path(M):
     assert rel_err(y, y_ref) < TOL[torch.float16] and rel_err(gates, g_ref) < TOL[torch.float16]
 
 
-def test_bf16_forward_interpreted_or_compiled():
+def test_bf16_forward_interpreted_or_compiled(monkeypatch):
     """bf16 through the backend (on CPU: interpreter with upcast dots, see module doc)."""
+    monkeypatch.setenv(triton_backend.SPLIT_K_ENV, "3")           # for "splitk": 3 K slices of 32, 32, 6
     args = _inputs(37, 70, 50, 8, 2, True, torch.bfloat16, "2d", seed=4)
-    for path in ("fused", "split"):
+    for path in ("fused", "split", "splitk"):
         y, gates = triton_backend.triton_mogu_linear(*args, SCALING, path=path)
         y_ref, g_ref = spec_mogu_linear(*args, SCALING)
         assert y.dtype == torch.bfloat16 and gates.dtype == torch.bfloat16
@@ -128,19 +132,127 @@ def test_router_in_another_dtype_and_empty_input():
     assert y.shape == (0, 24) and gates.shape == (0, 2)
 
 
+# ----------------------------------------------------------------------------- split-K decode
+# Forced split-K path with an explicit split count; K slices are multiples of the
+# interpreter's BLOCK_K (32), so the counts below give ragged last slices and empty ones.
+SPLITK_CASES = [
+    # M,  K,   N,  r, E, bias,  layout,          split_k, base_rows
+    (1, 100, 72, 8, 2, True, "2d", 3, False),                 # slices 64 + 36 + one empty slice
+    (3, 70, 50, 4, 3, False, "noncontig", 2, True),
+    (16, 130, 40, 64, 2, True, "3d_transposed", 4, True),     # M = SPLITK_MAX_M; slices 64, 64, 2, empty
+    (37, 33, 47, 1, 1, True, "3d", 2, False),                 # 3 M tiles; slices 32 + 1
+    (5, 40, 30, 128, 3, True, "2d", 2, False),                # E*r = 384 stacked columns
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("M,K,N,r,E,bias,layout,split_k,with_base_rows", SPLITK_CASES)
+def test_splitk_forward_matches_float64(M, K, N, r, E, bias, layout, split_k, with_base_rows, dtype, monkeypatch):
+    """path="splitk" (partial kernel + fixed-order reduce) against the float64 spec, with
+    the split count forced through MOGU_TRITON_SPLIT_K; exactly one launch of each kernel."""
+    monkeypatch.setenv(triton_backend.SPLIT_K_ENV, str(split_k))
+    args = _inputs(M, K, N, r, E, bias, dtype, layout, seed=M * 1000 + K + r + 7)
+    base_rows = random_base_rows(args[0], seed=M) if with_base_rows else None
+    before = dict(triton_backend.LAUNCHES)
+    y, gates = triton_backend.triton_mogu_linear(*args, SCALING, base_rows, path="splitk")
+    delta = {k: v - before.get(k, 0) for k, v in triton_backend.LAUNCHES.items() if v != before.get(k, 0)}
+    assert delta == {"mogu_splitk_partial_kernel": 1, "mogu_splitk_reduce_kernel": 1}, delta
+    y_ref, g_ref = spec_mogu_linear(*args, SCALING, base_rows)
+    assert y.shape == y_ref.shape and y.dtype == dtype and gates.dtype == dtype
+    assert rel_err(y, y_ref) < TOL[dtype]
+    assert rel_err(gates, g_ref) < TOL[dtype]
+
+
+def test_splitk_is_deterministic_and_saved_matches_gates(monkeypatch):
+    """Two runs give bitwise the same y, gates and saved (fixed reduction order, no
+    atomics); saved holds the fp32 gates that were returned and the shrink x S^T."""
+    monkeypatch.setenv(triton_backend.SPLIT_K_ENV, "3")
+    x, w, b, A, B, rw, rb = _inputs(4, 200, 72, 8, 2, True, torch.float32, "2d", seed=31)
+    runs = [torch.ops.mogu.triton_linear(x, w, b, A, B, rw, rb, SCALING, None, "splitk") for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+    y, gates, saved = runs[0]
+    assert torch.equal(saved[:, 16:], gates)
+    shrink = x.double() @ A.double().reshape(16, 200).T
+    assert rel_err(saved[:, :16], shrink) < TOL[torch.float32]
+
+
+def test_splitk_heuristic(monkeypatch):
+    """Shape rule: split-K for M <= 16 when cdiv(N, 64) programs are fewer than 2 x the
+    nominal SM count and K has room for two 256-column slices; the count is the smallest
+    power of two reaching that many programs (capped); the env var overrides the count."""
+    tb = triton_backend
+    choose, count = tb._choose_path, tb.split_k_count
+    target = 2 * tb.NOMINAL_SMS
+    for M in (1, 4, 16):
+        assert choose(M, 4096, 4096, "auto") == "splitk"
+    assert count(4096, 4096) == 4                              # 64 N tiles x 4 = 256 programs
+    assert choose(17, 4096, 4096, "auto") == "fused" and choose(tb.FUSED_MAX_M, 4096, 4096, "auto") == "fused"
+    assert choose(tb.FUSED_MAX_M + 1, 4096, 4096, "auto") == "split" and choose(4096, 4096, 4096, "auto") == "split"
+    wide = target * tb.SPLITK_BLOCK_N                          # the N-grid alone reaches the target
+    assert count(wide, 4096) == 1 and choose(1, wide, 4096, "auto") == "fused"
+    assert count(4096, 2 * tb.SPLITK_MIN_K - 1) == 1 and choose(1, 4096, 511, "auto") == "fused"
+    assert count(4096, 2 * tb.SPLITK_MIN_K) == 2
+    for N, K in [(2048, 2048), (5120, 5120), (8192, 8192), (1024, 16384), (14336, 4096), (256, 65536)]:
+        s, tiles = count(N, K), -(-N // tb.SPLITK_BLOCK_N)
+        assert s >= 2 and s & (s - 1) == 0 and s <= tb.SPLITK_MAX and K >= s * tb.SPLITK_MIN_K, (N, K, s)
+        assert tiles * s >= target or s == tb.SPLITK_MAX or K < 2 * s * tb.SPLITK_MIN_K, (N, K, s)
+        assert tiles * (s // 2) < target, (N, K, s)            # the smallest such power of two
+    assert choose(1, 4096, 4096, "fused") == "fused" and choose(1000, 40, 40, "splitk") == "splitk"
+    with pytest.raises(ValueError, match="path must be one of"):
+        choose(1, 4096, 4096, "splitK")
+    for off in ("0", "1"):
+        monkeypatch.setenv(tb.SPLIT_K_ENV, off)
+        assert count(4096, 4096) == 1 and choose(1, 4096, 4096, "auto") == "fused"
+    monkeypatch.setenv(tb.SPLIT_K_ENV, "8")
+    assert count(40, 40) == 8 and choose(16, 40, 40, "auto") == "splitk" and choose(17, 40, 40, "auto") == "fused"
+    monkeypatch.setenv(tb.SPLIT_K_ENV, "auto")
+    assert count(4096, 4096) == 4
+    for bad in ("x", "-1", "65", "2.5"):
+        monkeypatch.setenv(tb.SPLIT_K_ENV, bad)
+        with pytest.raises(ValueError, match=tb.SPLIT_K_ENV):
+            count(4096, 4096)
+
+
+def test_auto_path_launches_splitk_only_for_small_decode_grids(monkeypatch):
+    """Through the public op: M = 3 with K = 520 (two 256-column slices fit) runs the two
+    split-K kernels; M = 17 and K = 200 run the fused kernel; the env override turns
+    split-K off."""
+    def launches(M, K):
+        args = _inputs(M, K, 40, 4, 2, True, torch.float32, "2d", seed=M + K)
+        before = dict(triton_backend.LAUNCHES)
+        y, gates = mogu_kernels.mogu_linear(*args, SCALING, backend="triton")
+        y_ref, g_ref = spec_mogu_linear(*args, SCALING)
+        assert rel_err(y, y_ref) < TOL[torch.float32] and rel_err(gates, g_ref) < TOL[torch.float32]
+        return {k: v - before.get(k, 0) for k, v in triton_backend.LAUNCHES.items() if v != before.get(k, 0)}
+    assert triton_backend.split_k_count(40, 520) == 2
+    assert launches(3, 520) == {"mogu_splitk_partial_kernel": 1, "mogu_splitk_reduce_kernel": 1}
+    assert launches(17, 520) == {"mogu_fused_kernel": 1}
+    assert launches(3, 200) == {"mogu_fused_kernel": 1}
+    monkeypatch.setenv(triton_backend.SPLIT_K_ENV, "1")
+    assert launches(3, 520) == {"mogu_fused_kernel": 1}
+
+
 # ----------------------------------------------------------------------------- K blocking
-@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("path", ["fused", "split", "splitk"])
 @pytest.mark.parametrize("K,even", [(256, True), (200, False)], ids=["even_k", "ragged_k"])
 def test_even_k_fast_path_and_ragged_k(K, even, path, monkeypatch):
     """The shared K loop's two variants against the spec: K a multiple of every BLOCK_K
     (EVEN_K, unmasked K loads) and K = 200, never a multiple of a BLOCK_K (masked last
     block); both with base rows, a strided K layout and M, N off the tile sizes. Every
-    launch must have taken the variant its K and BLOCK_K call for."""
+    launch must have taken the variant its K and BLOCK_K call for. Split-K runs 3 slices
+    (K=256: 96, 96, 64 columns, each a multiple of BLOCK_K; K=200: 96, 96, 8); its reduce
+    kernel has no K loop and no EVEN_K."""
+    monkeypatch.setenv(triton_backend.SPLIT_K_ENV, "3")
     seen = []
     run = triton_backend._Kernel._run
 
     def spy(self, cfg, grid, args, meta):
-        seen.append((self.fn.__name__, meta["EVEN_K"], K % cfg.kwargs["BLOCK_K"] == 0))
+        if "BLOCK_K" in cfg.kwargs:
+            seen.append((self.fn.__name__, meta["EVEN_K"], K % cfg.kwargs["BLOCK_K"] == 0))
+        else:
+            assert "EVEN_K" not in meta
+            seen.append((self.fn.__name__, even, even))
         return run(self, cfg, grid, args, meta)
     monkeypatch.setattr(triton_backend._Kernel, "_run", spy)
     for dtype in (torch.float32, torch.float16):
@@ -149,7 +261,8 @@ def test_even_k_fast_path_and_ragged_k(K, even, path, monkeypatch):
         y, gates = triton_backend.triton_mogu_linear(*args, SCALING, base_rows, path=path)
         y_ref, g_ref = spec_mogu_linear(*args, SCALING, base_rows)
         assert rel_err(y, y_ref) < TOL[dtype] and rel_err(gates, g_ref) < TOL[dtype], dtype
-    kernels = {"fused": {"mogu_fused_kernel"}, "split": {"mogu_shrink_router_kernel", "mogu_gemm_expand_kernel"}}
+    kernels = {"fused": {"mogu_fused_kernel"}, "split": {"mogu_shrink_router_kernel", "mogu_gemm_expand_kernel"},
+               "splitk": {"mogu_splitk_partial_kernel", "mogu_splitk_reduce_kernel"}}
     assert {name for name, _, _ in seen} == kernels[path], seen
     assert all(flag == even and flag == derived for _, flag, derived in seen), seen
 
@@ -221,13 +334,17 @@ def _grads_vs_float64(args, base_rows, path, requires=(0, 3, 4, 5, 6), seed=0):
     return [(names[i], leaves[i].grad, leaves64[i].grad, leaves[i].dtype) for i in requires]
 
 
-@pytest.mark.parametrize("path", ["fused", "split", "auto"])
+@pytest.mark.parametrize("path", ["fused", "split", "splitk", "auto"])
 @pytest.mark.parametrize("M,r,E,bias,layout,with_base_rows", [
     (3, 4, 2, True, "3d", True),
     (37, 8, 3, False, "noncontig", False),
     (70, 1, 1, True, "2d", True),
 ])
-def test_gradients_match_float64_autograd(M, r, E, bias, layout, with_base_rows, path):
+def test_gradients_match_float64_autograd(M, r, E, bias, layout, with_base_rows, path, monkeypatch):
+    """Backward reads the forward's ``saved`` (shrink and gates), so every forward path is
+    checked here; split-K with 2 slices of K = 40 (32 + 8 columns)."""
+    if path == "splitk":
+        monkeypatch.setenv(triton_backend.SPLIT_K_ENV, "2")
     args = _inputs(M, 40, 36, r, E, bias, torch.float32, layout, seed=M + r)
     base_rows = random_base_rows(args[0], seed=M) if with_base_rows else None
     for name, got, want, dtype in _grads_vs_float64(args, base_rows, path, seed=M):
@@ -343,7 +460,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
 
 
 # ----------------------------------------------------------------------------- registration
-def test_opcheck_schema_fake_autograd():
+def test_opcheck_schema_fake_autograd(monkeypatch):
     """torch.library.opcheck: schema, fake (meta) impl vs real, autograd registration,
     AOT dispatch with dynamic shapes."""
     x, w, b, A, B, rw, rb = _inputs(5, 24, 20, 4, 2, True, torch.float32, "3d", seed=9)
@@ -352,6 +469,8 @@ def test_opcheck_schema_fake_autograd():
         t.requires_grad_(True)
     torch.library.opcheck(torch.ops.mogu.triton_linear.default, (x, w, b, A, B, rw, rb, SCALING, base_rows, "auto"))
     torch.library.opcheck(torch.ops.mogu.triton_linear.default, (x, w, None, A, B, rw, rb, SCALING, None, "split"))
+    monkeypatch.setenv(triton_backend.SPLIT_K_ENV, "2")
+    torch.library.opcheck(torch.ops.mogu.triton_linear.default, (x, w, b, A, B, rw, rb, SCALING, base_rows, "splitk"))
     _, _, saved = torch.ops.mogu.triton_linear(x, w, b, A, B, rw, rb, SCALING, base_rows, "auto")
     assert saved.dtype == torch.float32 and saved.shape == (*x.shape[:-1], 2 * 4 + 2) and not saved.requires_grad
 
@@ -383,7 +502,7 @@ gpu = pytest.mark.gpu
 
 
 @gpu
-@pytest.mark.parametrize("path", ["auto", "fused", "split"])
+@pytest.mark.parametrize("path", ["auto", "fused", "split", "splitk"])
 @pytest.mark.parametrize("M", [1, 16, 200])
 def test_gpu_bf16_forward_and_backward(M, path):
     args = _inputs(M, 520, 1000, 16, 2, True, torch.bfloat16, "3d", seed=M)
@@ -398,15 +517,19 @@ def test_gpu_bf16_forward_and_backward(M, path):
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
 def test_gpu_autotuned_shapes(dtype, monkeypatch):
-    """The autotuned configs (decode, mid, prefill) give correct results at layer-like sizes."""
+    """The autotuned configs (split-K decode, fused decode, mid, prefill) give correct
+    results at layer-like sizes. M = 1 runs split-K by default (SPLIT_K = 4 here), and the
+    fused decode kernel with the split-K override set to 1."""
     assert not triton_backend.INTERPRET
     monkeypatch.setenv(triton_backend.AUTOTUNE_ENV, "1")
-    for M in (1, 48, 1024):
+    for M, split_k in ((1, "auto"), (1, "1"), (48, "auto"), (1024, "auto")):
+        monkeypatch.setenv(triton_backend.SPLIT_K_ENV, split_k)
         args = _inputs(M, 1024, 1536, 8, 2, True, dtype, "2d", seed=M)
         y, gates = mogu_kernels.mogu_linear(*args, SCALING)       # default backend on CUDA
         y_ref, g_ref = spec_mogu_linear(*args, SCALING)
-        assert rel_err(y, y_ref) < TOL[dtype] and rel_err(gates, g_ref) < TOL[dtype], M
-    for k in (triton_backend._fused_decode, triton_backend._fused_mid, triton_backend._shrink, triton_backend._gemm):
+        assert rel_err(y, y_ref) < TOL[dtype] and rel_err(gates, g_ref) < TOL[dtype], (M, split_k)
+    for k in (triton_backend._splitk_partial, triton_backend._splitk_reduce, triton_backend._fused_decode,
+              triton_backend._fused_mid, triton_backend._shrink, triton_backend._gemm):
         assert k.tuned.cache, f"{k.name}: autotuner never ran"
 
 
@@ -435,7 +558,8 @@ def test_gpu_torch_compile_inductor():
 @pytest.mark.parametrize("M", [1, 16, 128])
 def test_gpu_cuda_graph_capture_and_replay(M):
     """No host sync and no data-dependent allocation: the op can be captured once (after
-    a warm-up call that autotunes) and replayed on new inputs."""
+    a warm-up call that autotunes) and replayed on new inputs. M = 1 and 16 take the
+    split-K path here (K = 512: SPLIT_K = 2), whose workspace is allocated in the graph."""
     x, w, b, A, B, rw, rb = _inputs(M, 512, 768, 8, 2, True, torch.bfloat16, "2d", seed=M)
     base_rows = random_base_rows(x)
     static_x = x.clone()

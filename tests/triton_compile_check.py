@@ -7,9 +7,10 @@ autotuning off, intercepts each launch (kernel, config, arguments), and compiles
 ahead of time with ``triton.compile`` for ``--arch`` (ttir -> ttgir -> llvm -> ptx ->
 cubin with the ptxas that ships with triton), specialized the way Triton's JIT would at
 run time (16-byte aligned pointers and ints divisible by 16 marked, ints equal to 1
-constant, the row count not specialized). Checks that every launch compiles and that the
-config the pruner chose fits in ``--max-shared`` bytes of shared memory (H100/H200:
-232448). Prints one line per launch; exit status 1 on any failure.
+constant, the row count not specialized). Checks that every launch compiles (the split-K
+decode kernels included) and that the config the pruner chose fits in ``--max-shared``
+bytes of shared memory (H100/H200: 232448). Prints one line per launch; exit status 1 on
+any failure.
 
 Used by tests/test_triton_backend.py (in a subprocess: the kernels must not have been
 created by the interpreter) so that CI without a GPU still catches kernels that the
@@ -35,14 +36,18 @@ from op_spec import make_inputs  # noqa: E402  (tests/ is sys.path[0] when run a
 
 _TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8"}
 
-# (dtype, M, K, N, r, E, bias, base_rows): decode / mid (fused) and prefill (split) layers.
+# (dtype, M, K, N, r, E, bias, base_rows, path): decode (split-K by default at these N, and
+# the fused kernel forced), mid (fused) and prefill (split) layers.
 CASES = [
-    (torch.bfloat16, 1, 4096, 4096, 8, 2, True, True),
-    (torch.bfloat16, 48, 4096, 4096, 16, 2, False, False),
-    (torch.bfloat16, 4096, 4096, 4096, 8, 2, True, True),
-    (torch.float16, 3, 1000, 1000, 64, 2, True, False),
-    (torch.bfloat16, 1, 4096, 4096, 128, 3, True, False),     # E*r = 384: the pruner's fallback tiles
-    (torch.float32, 1, 512, 512, 8, 2, True, True),            # exact-fp32 ("ieee") dots
+    (torch.bfloat16, 1, 4096, 4096, 8, 2, True, True, "auto"),        # split-K, SPLIT_K = 4
+    (torch.bfloat16, 1, 4096, 4096, 8, 2, True, True, "fused"),
+    (torch.bfloat16, 48, 4096, 4096, 16, 2, False, False, "auto"),
+    (torch.bfloat16, 4096, 4096, 4096, 8, 2, True, True, "auto"),
+    (torch.float16, 3, 1000, 1000, 64, 2, True, False, "auto"),       # split-K with ragged K (EVEN_K=0)
+    (torch.bfloat16, 1, 4096, 4096, 128, 3, True, False, "auto"),     # E*r = 384: the pruner's fallback tiles
+    (torch.bfloat16, 1, 4096, 4096, 128, 3, True, False, "fused"),
+    (torch.float32, 1, 512, 512, 8, 2, True, True, "auto"),            # exact-fp32 ("ieee") dots
+    (torch.float32, 1, 512, 512, 8, 2, True, True, "fused"),
 ]
 
 
@@ -91,18 +96,21 @@ def main(argv=None) -> int:
     tb._check_runnable = lambda x: None          # CPU tensors stand in for CUDA ones: nothing runs
 
     cases = CASES if args.cases is None else [CASES[int(i)] for i in args.cases.split(",")]
-    for dtype, M, K, N, r, E, bias, base_rows in cases:
+    os.environ.pop(tb.SPLIT_K_ENV, None)         # the shape heuristic decides the split count
+    for dtype, M, K, N, r, E, bias, base_rows, path in cases:
         x, w, b, A, B, rw, rb = make_inputs(M, K, N, r, E, bias=bias, dtype=dtype)
         br = torch.zeros(M, dtype=torch.bool) if base_rows else None
         before = len(launches)
-        tb.triton_mogu_linear(x, w, b, A, B, rw, rb, 2.0, br)
+        tb.triton_mogu_linear(x, w, b, A, B, rw, rb, 2.0, br, path=path)
         assert len(launches) > before, "no kernel launch intercepted"
 
     failures = 0
     for fn, cfg, kargs, meta in launches:
         sig, consts, attrs = _specialize(fn, kargs, {**meta, **cfg.kwargs})
-        label = (f"{fn.__name__:<27} {sig['x_ptr'][1:]:<5} E={meta['E']} R={meta['R']:<4} "
-                 f"{' '.join(f'{k}={v}' for k, v in cfg.kwargs.items())} EVEN_K={int(meta['EVEN_K'])} "
+        dtype = sig["x_ptr" if "x_ptr" in sig else "b_ptr"][1:]      # the split-K reduce has no x
+        extra = "".join(f" {k}={int(meta[k])}" for k in ("SPLIT_K", "EVEN_K") if k in meta)
+        label = (f"{fn.__name__:<27} {dtype:<5} E={meta['E']} R={meta['R']:<4} "
+                 f"{' '.join(f'{k}={v}' for k, v in cfg.kwargs.items())}{extra} "
                  f"w{cfg.num_warps} s{cfg.num_stages}")
         t0 = time.time()
         try:
