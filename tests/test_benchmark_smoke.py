@@ -6,6 +6,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+sys.path.insert(0, os.path.dirname(__file__))
 
 import throughput  # noqa: E402
 
@@ -98,3 +99,30 @@ def test_every_benchmarked_layer_computes_the_float64_spec():
             assert rel_err(fn(x), x.double() @ w["weight"].double().T + w["bias"].double()) < 1e-5
         else:
             assert rel_err(fn(x), y_ref) < 1e-5, name
+
+
+def test_generation_bench_runs_each_dtype_and_thread_count(tmp_path, capsys):
+    """benchmarks/generation_bench.py on a tiny Llama folder (the --model path the SmolLM2
+    row takes too): one table per dtype x thread count, the rows and keys documented, the
+    exact protocol's tokens equal to the published procedure's in fp32, a named error for
+    a bad --dtypes value. No timing is asserted."""
+    import generation_bench
+    from tiny_models import tiny_llama
+
+    folder = tmp_path / "model"
+    tiny_llama().save_pretrained(folder)
+    out = tmp_path / "rows.json"
+    assert generation_bench.main(["--model", str(folder), "--prompt-len", "9", "--new-tokens", "5",
+                                  "--mogu-tokens", "2", "--repeats", "1", "--dtypes", "float32,bfloat16",
+                                  "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["dtype"], r["impl"]) for r in rows] == [(d, i) for d in ("float32", "bfloat16")
+                                                      for i in generation_bench.IMPLS]
+    for r in rows:
+        assert r["threads"] == 1 and r["prompt_len"] == 9 and r["new_tokens"] == 5 and r["total_s"] > 0
+        assert r["peak_mem_mb"] > 0 and r["ratio_to_base"] > 0
+    assert rows[0]["exact_tokens_equal_published"] is True
+    printed = capsys.readouterr().out
+    assert printed.count("mogu_exact") == 2 and "float32" in printed and "bfloat16" in printed
+    with pytest.raises(SystemExit):
+        generation_bench.main(["--model", str(folder), "--dtypes", "float8"])
