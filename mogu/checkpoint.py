@@ -508,6 +508,30 @@ def atomic_write_json(path, value, indent: Optional[int] = 1, **kwargs) -> None:
     atomic_write_text(path, json.dumps(value, indent=indent, ensure_ascii=False, **kwargs) + "\n")
 
 
+def read_appended_jsonl(path, fix: str = "") -> Tuple[List[Tuple[int, object, str]], bool]:
+    """The lines of a JSONL file that a run appends to (a generation cache, responses, a
+    training log): ([(1-based line number, parsed value, the line's text)], cut) where cut
+    says the last line was cut short (no newline after it and not valid JSON: a kill in the
+    middle of an append) and was left out; the caller rewrites the file without it (the
+    appends are not atomic, a rewrite is). Any other line that is not valid JSON is a
+    ValueError naming the file and line, then ``fix`` (what the user can do)."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append((i + 1, json.loads(line), line))
+        except json.JSONDecodeError as exc:
+            if i == len(lines) - 1:
+                return records, True
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON ({exc.msg})" + (f"; {fix}" if fix else "")) \
+                from exc
+    return records, False
+
+
 # Settings of mogu_config.json meant to be changed by hand (or by mogu.calibrate) after
 # saving; the recorded settings digest leaves them out.
 EDITABLE_SETTINGS = ("router_offset", "mogu_tokens")

@@ -49,7 +49,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..checkpoint import atomic_write_json, atomic_write_text
+from ..checkpoint import atomic_write_json, atomic_write_text, read_appended_jsonl
 from ..patching import is_patched, mode
 from ..prompting import encode_prompt, format_prompt, pad_id_of
 from .common import claim_output_folder, cut_answer, eos_ids, greedy_kwargs, left_pad, model_name
@@ -222,26 +222,14 @@ class _Cache:
             self._read()
 
     def _read(self) -> None:
-        with open(self.path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        good = []
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                if i == len(lines) - 1:            # no newline after it: an interrupted write
-                    break
-                raise ValueError(f"{self.path}: line {i + 1} is not valid JSON ({exc.msg}); delete the file or "
-                                 f"pass overwrite=True to regenerate") from exc
+        records, cut = read_appended_jsonl(self.path, "delete the file or pass overwrite=True to regenerate")
+        for line_no, obj, _ in records:
             if not isinstance(obj, dict) or not {"key", "instruction", "label", "output"} <= set(obj):
-                raise ValueError(f"{self.path}: line {i + 1} is not a generation record")
-            good.append(line)
+                raise ValueError(f"{self.path}: line {line_no} is not a generation record")
             if obj["key"] == self.key:
                 self.attempts.setdefault((obj["label"], obj["instruction"]), []).append(obj)
-        if len(good) != sum(1 for line in lines if line.strip()):   # drop a cut-off last line
-            atomic_write_text(self.path, "".join(g + "\n" for g in good))
+        if cut:                                    # drop the cut-off last line
+            atomic_write_text(self.path, "".join(line + "\n" for _, _, line in records))
 
     def add(self, records: List[Dict]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

@@ -72,7 +72,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..checkpoint import atomic_write, atomic_write_json, atomic_write_text
+from ..checkpoint import atomic_write, atomic_write_json, atomic_write_text, read_appended_jsonl
 from ..generation import generate
 from ..patching import capture_gates, is_patched, mode
 from ..prompting import encode_prompt, format_prompt, pad_id_of
@@ -174,24 +174,13 @@ def _read_responses(path: str) -> List[Dict]:
     (and removed from the file), any other bad line is a ValueError naming the line."""
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    records, good = [], []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON ({exc.msg}); fix or delete it, or pass "
-                             f"overwrite=True") from exc
+    lines, cut = read_appended_jsonl(path, "fix or delete it, or pass overwrite=True")
+    records = []
+    for line_no, obj, _ in lines:
         if not isinstance(obj, dict) or not {"file", "row", "system", "instruction", "response"} <= set(obj):
-            raise ValueError(f"{path}: line {i + 1} is not an evaluation record")
+            raise ValueError(f"{path}: line {line_no} is not an evaluation record")
         records.append(obj)
-        good.append(line)
-    if len(good) != sum(1 for line in lines if line.strip()):
+    if cut:
         _write_jsonl(path, records)
     return records
 

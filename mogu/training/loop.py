@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 
 from .. import hf_compat
-from ..checkpoint import TRAINING_INCOMPLETE, CheckpointError, atomic_write_text, sha256_file
+from ..checkpoint import TRAINING_INCOMPLETE, CheckpointError, atomic_write_text, read_appended_jsonl, sha256_file
 from .data import file_fingerprint
 
 CHECKPOINTS = "checkpoints"
@@ -449,21 +449,8 @@ def _loop(stage: Stage, args: Dict[str, Any], out: str, *, accelerator, model, o
 def _log_lines_upto(path: str, step: int) -> List[str]:
     """The log's lines up to ``step`` (a resumed run rewrites the rest); a last line cut
     short by a kill is dropped."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    keep = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"resume: {path}: line {i + 1} is not valid JSON") from None
-        if record.get("step", 0) <= step:
-            keep.append(line + "\n")
-    return keep
+    records, _ = read_appended_jsonl(path, "resume cannot truncate the log; delete it or start a new run")
+    return [line + "\n" for _, record, line in records if record.get("step", 0) <= step]
 
 
 def _publish_final(stage: Stage, model: nn.Module, out: str) -> None:
