@@ -324,6 +324,8 @@ def _loop(stage: Stage, args: Dict[str, Any], out: str, *, accelerator, model, o
           state: Dict[str, Any], accum: int, n: int, steps_per_epoch: int, total_steps: int, batch_size: int,
           epochs: int, lr: float, max_grad_norm: Optional[float], seed: int, shuffle: bool,
           save_steps: Optional[int], save_total_limit: Optional[int], progress: bool) -> TrainResult:
+    """The epochs: one optimizer step per window of ``accum`` batches, a checkpoint every
+    ``save_steps`` steps and at the end, then the final outputs (module docstring)."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 

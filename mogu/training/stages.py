@@ -36,6 +36,7 @@ EXPERT_DEFAULTS = dict(r=8, lora_alpha=16.0, lora_dropout=0.05, lr=5e-5, pairs_p
 ROUTER_DEFAULTS = dict(lam=2.0, lr=5e-4, examples_per_step=16, epochs=10, router_hidden=512)
 COMMON_DEFAULTS = dict(batch_size=1, max_length=1024, save_steps=100, seed=42, weight_decay=0.01)
 
+
 # ============================================================ expert loading
 def load_experts(model: nn.Module, glad, unwill, config: Optional[MoGUConfig] = None) -> nn.Module:
     """Load the two expert adapters (peft folders, as ``load_official``) but no router.
