@@ -5,12 +5,14 @@
     python benchmarks/throughput.py --device cuda    # bf16, d=4096, do_bench (see cuda_layer_bench.py)
     python benchmarks/throughput.py --generation     # add the model-level rows
     python benchmarks/throughput.py --shapes 3x64x48 --repeats 1   # chosen shapes (the README test's run)
+    python benchmarks/throughput.py --dtype bf16 --threads 1       # the CPU rows in bf16 (or fp16)
 
 CPU protocol (benchmarks/timing.py). Every shape is timed in two modes:
 
 * ``warm``: the same layer's weights call after call (what a micro-benchmark sees);
 * ``model``: a stack of distinct layers (``--stack-mib``, 384 MiB by default: 24 layers of
-  K=N=2048 fp32, 6 of K=N=4096; at most 24 layers), called in turn across all the compared
+  K=N=2048 fp32, 6 of K=N=4096; at most 24 layers; the same bytes in bf16/fp16, still at most 24),
+  called in turn across all the compared
   implementations, so each call finds its weights out of cache the way each layer of a
   model does during decode.
 
@@ -82,25 +84,31 @@ def machine_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads ({os.cpu_count()} cores)"
 
 
-def stack_layers(K: int, N: int, stack_mib: float) -> int:
-    """Layers in the "model" stack: enough fp32 base weights for ``stack_mib``, 2 to 24."""
-    return max(2, min(MAX_LAYERS, math.ceil(stack_mib * 2 ** 20 / (K * N * 4))))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def stack_layers(K: int, N: int, stack_mib: float, elem_bytes: int = 4) -> int:
+    """Layers in the "model" stack: enough base weights of ``elem_bytes`` per element for
+    ``stack_mib``, 2 to 24."""
+    return max(2, min(MAX_LAYERS, math.ceil(stack_mib * 2 ** 20 / (K * N * elem_bytes))))
 
 
 def cpu_layer_rows(shapes, r: int, backends: List[str], *, stack_mib: float = 384.0, timing: dict,
-                   threads: int, first_warmup: float = 0.5, log=print) -> List[dict]:
-    """Rows of both modes for every shape (see the module docstring)."""
+                   threads: int, first_warmup: float = 0.5, dtype=torch.float32, log=print) -> List[dict]:
+    """Rows of both modes for every shape (see the module docstring), x and the layer
+    weights in ``dtype`` (the folded router vectors fp32, as the patched module passes them)."""
     rows = []
     llc = last_level_cache_bytes()
+    elem = torch.empty((), dtype=dtype).element_size()
     for i, (M, K, N) in enumerate(shapes):
-        L = stack_layers(K, N, stack_mib)
-        stack = [make_layer_weights(K, N, r, torch.float32, "cpu", seed=layer) for layer in range(L)]
-        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M * K))
+        L = stack_layers(K, N, stack_mib, elem)
+        stack = [make_layer_weights(K, N, r, dtype, "cpu", seed=layer) for layer in range(L)]
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M * K)).to(dtype)
         per_layer = [layer_impls(w, backends) for w in stack]
         names = list(per_layer[0])
         bound = {name: [(lambda fn=layers[name]: fn(x)) for layers in per_layer] for name in names}
-        if L * K * N * 4 < 2 * llc:
-            log(f"  note: the {L}-layer stack ({L * K * N * 4 / 2**20:.1f} MiB) is not over twice the "
+        if L * K * N * elem < 2 * llc:
+            log(f"  note: the {L}-layer stack ({L * K * N * elem / 2**20:.1f} MiB) is not over twice the "
                 f"{llc / 2**20:.0f} MiB cache: its 'model' rows are not cold")
         with torch.no_grad():
             for mode in ("warm", "model"):
@@ -113,7 +121,8 @@ def cpu_layer_rows(shapes, r: int, backends: List[str], *, stack_mib: float = 38
                 for name in names:
                     lo, med, hi = spread(res["samples"][name])
                     rows.append({"kind": "layer", "shape": f"M={M},K={K},N={N},r={r}", "M": M, "K": K, "N": N,
-                                 "impl": name, "mode": mode, "layers": L if cold else 1, "threads": threads,
+                                 "dtype": str(dtype).replace("torch.", ""), "impl": name, "mode": mode,
+                                 "layers": L if cold else 1, "threads": threads,
                                  "ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3,
                                  "repeats": res["repeats"], "stable": res["stable"],
                                  "ratio_to_base": med / base_med})
@@ -125,13 +134,13 @@ def cpu_layer_rows(shapes, r: int, backends: List[str], *, stack_mib: float = 38
     return rows
 
 
-def call_cost_rows(backends: List[str], *, timing: dict, threads: int) -> List[dict]:
+def call_cost_rows(backends: List[str], *, timing: dict, threads: int, dtype=torch.float32) -> List[dict]:
     """Microseconds per call at a tiny shape (the fixed cost: argument handling, dispatch,
     allocation, thread start-up), ``F.linear`` against ``mogu_linear`` (default backend and
     each one named) and, when the extension is built, its op called directly."""
     M, K, N = CALL_COST_SHAPE
-    w = make_layer_weights(K, N, 8, torch.float32, "cpu", hidden=16)
-    x = torch.randn(M, K)
+    w = make_layer_weights(K, N, 8, dtype, "cpu", hidden=16)
+    x = torch.randn(M, K).to(dtype)
     args = (x, w["weight"], w["bias"], w["lora_A"], w["lora_B"], w["router_weight"], w["router_bias"], w["scaling"])
     impls: Dict[str, Callable] = {"F.linear": lambda: F.linear(x, w["weight"], w["bias"]),
                                   "mogu_linear": lambda: mogu_kernels.mogu_linear(*args)}
@@ -146,7 +155,8 @@ def call_cost_rows(backends: List[str], *, timing: dict, threads: int) -> List[d
     rows = []
     for name in impls:
         lo, med, hi = spread(res["samples"][name])
-        rows.append({"impl": name, "shape": f"M={M},K={K},N={N}", "threads": threads, "us": med * 1e6,
+        rows.append({"impl": name, "shape": f"M={M},K={K},N={N}", "dtype": str(dtype).replace("torch.", ""),
+                     "threads": threads, "us": med * 1e6,
                      "min_us": lo * 1e6, "max_us": hi * 1e6, "repeats": res["repeats"]})
     return rows
 
@@ -237,6 +247,8 @@ def plot(rows: List[dict], path: str, title: str) -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                   help="dtype of x and the layer weights for the CPU rows (default fp32; the CUDA rows are bf16)")
     p.add_argument("--r", type=int, default=8, help="LoRA rank for the CPU rows (default 8)")
     p.add_argument("--repeats", type=int, default=25,
                    help="at most this many interleaved repetitions per shape and mode (default 25)")
@@ -269,7 +281,9 @@ def main(argv=None) -> int:
     thread_counts = args.threads or [torch.get_num_threads()]
     monitor = LoadMonitor(threads=max(thread_counts))
     machine = machine_name(args.device)
-    title = f"MoGU layer, {args.device} ({machine}), torch {torch.__version__}"
+    dtype = DTYPES[args.dtype]
+    title = f"MoGU layer, {args.device} ({machine}), torch {torch.__version__}" + (
+        f", {args.dtype}" if args.device == "cpu" else "")
     print(title)
     print(f"backends: {backends}")
     warning = monitor.start_warning()
@@ -295,15 +309,15 @@ def main(argv=None) -> int:
                 torch.set_num_threads(t)
                 print(f"\n{t} thread{'s' if t > 1 else ''}: fixed cost of one call, "
                       f"M,K,N = {','.join(map(str, CALL_COST_SHAPE))} (us; min / median / max)")
-                for c in call_cost_rows(backends, timing=timing, threads=t):
+                for c in call_cost_rows(backends, timing=timing, threads=t, dtype=dtype):
                     print(f"  {c['impl']:<34}{c['min_us']:>8.1f}{c['us']:>8.1f}{c['max_us']:>8.1f}")
                     call_cost.append(c)
                 print(f"{t} thread{'s' if t > 1 else ''}: layer shapes (warm, then model)")
                 rows += cpu_layer_rows(shapes, args.r, backends, stack_mib=stack_mib, timing=timing, threads=t,
-                                       first_warmup=0.1 if args.quick else 0.5)
+                                       first_warmup=0.1 if args.quick else 0.5, dtype=dtype)
         finally:
             torch.set_num_threads(default_threads)
-        print_layer_table(rows, "layer time, ratio to base F.linear (fp32): median ratio warm / model "
+        print_layer_table(rows, f"layer time, ratio to base F.linear ({args.dtype}): median ratio warm / model "
                                 "(model = each call's weights out of cache, as in a model)")
 
     if args.generation:
@@ -324,7 +338,8 @@ def main(argv=None) -> int:
         print(warning)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"machine": machine, "device": args.device, "torch": torch.__version__, "load": load,
+        json.dump({"machine": machine, "device": args.device, "dtype": args.dtype if args.device == "cpu" else "bf16",
+                   "torch": torch.__version__, "load": load,
                    "call_cost": call_cost, "rows": rows}, f, indent=2)
     png = os.path.splitext(args.json)[0] + ".png"
     layer_rows = [r for r in rows if r.get("kind") == "layer"]

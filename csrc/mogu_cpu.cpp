@@ -16,10 +16,17 @@
 // (a) and (c) are parallel (at::parallel_for) over units small enough that decode splits too:
 // (8-row group, chunk of S rows) and (row block, column chunk); a call is split only where a
 // task gets at least kMinWorkPerTask multiply-adds. No tensor is allocated besides the
-// outputs and the (M, E) logits.
+// outputs and the (M, E) logits; the tasks' scratch is per thread and reused across calls.
+// bf16 x with even K on a CPU with oneDNN's bf16 brgemm (AMX, AVX512-BF16) takes the plan of
+// forward_bf16_brgemm below instead: the same three steps with the two small products on the
+// matrix unit (or the AVX512-BF16 dot-product instruction), the router logits still fp32.
+// bf16 and fp16 values are converted 16 at a time (to_bf16_bits, half_bits_to_float,
+// float_to_half_bits: bit for bit c10's conversions).
 // The hot loops use fixed-width GCC/Clang vector types; MOGU_CPU_CLONES compiles them for
 // AVX-512, AVX2 and baseline x86-64 and picks one at load time (GCC function multiversioning),
 // since the extension as a whole is built for baseline x86-64.
+#include <cstdlib>
+#include <string>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -32,6 +39,14 @@
 #include <vector>
 
 #include "mogu_entry.h"
+
+#include <ATen/native/CPUBlas.h>
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#define MOGU_HAVE_BRGEMM 1
+#endif
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define MOGU_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -65,6 +80,15 @@ constexpr int64_t kColumns = 256;
 // Minimum multiply-adds per parallel task: below it the fork/join costs more than it saves.
 constexpr int64_t kMinWorkPerTask = 1 << 15;
 
+// A per-thread scratch buffer of at least n elements, reused across calls (no allocation and
+// no zero fill per call; nothing in it outlives the call that writes it).
+template <typename T, int kSlot>
+T* scratch(size_t n) {
+  thread_local std::vector<T> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
 // Fixed-width vectors (GCC/Clang vector extensions): one 512-bit register in the AVX-512
 // clone, two 256-bit ones in the AVX2 clone, four SSE ones in the baseline clone; 16 fp32 or
 // 8 fp64 lanes.
@@ -86,6 +110,60 @@ struct Vec<double> {
   static constexpr int64_t lanes = 8;
 };
 
+// fp16 <-> fp32 for 16 lanes with integer vector operations (no F16C needed, so every
+// clone vectorizes it): bit for bit c10::Half's conversions (fp32 -> fp16 rounds to nearest
+// even, NaN -> 0x7E00 with the sign kept, overflow -> inf).
+MOGU_ALWAYS_INLINE vfloat half_bits_to_float(vu16x16 h) {
+  typedef int32_t vi32x16 __attribute__((vector_size(64)));
+  const vu32x16 w = __builtin_convertvector(h, vu32x16);
+  const vu32x16 sign = (w & 0x8000u) << 16;
+  vu32x16 o = (w & 0x7FFFu) << 13;                 // exponent and mantissa, fp32-aligned
+  const vu32x16 exp = o & 0x0F800000u;
+  o += 0x38000000u;                                // rebias (127 - 15) << 23
+  const vi32x16 is_special = exp == 0x0F800000u;   // inf / NaN
+  const vi32x16 is_small = exp == 0u;              // zero / subnormal
+  o = is_special ? o + 0x38000000u : o;
+  vfloat f;
+  vu32x16 o_small = o + 0x00800000u;
+  vfloat f_small;
+  __builtin_memcpy(&f_small, &o_small, sizeof(f_small));
+  f_small -= vfloat{} + 6.103515625e-05f;          // 2^-14: renormalize a subnormal
+  __builtin_memcpy(&f, &o, sizeof(f));
+  vu32x16 bits, bits_small;
+  __builtin_memcpy(&bits, &f, sizeof(bits));
+  __builtin_memcpy(&bits_small, &f_small, sizeof(bits_small));
+  bits = (is_small ? bits_small : bits) | sign;
+  __builtin_memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+MOGU_ALWAYS_INLINE vu16x16 float_to_half_bits(vfloat v) {
+  typedef int32_t vi32x16 __attribute__((vector_size(64)));
+  vu32x16 f;
+  __builtin_memcpy(&f, &v, sizeof(f));
+  const vu32x16 sign = f & 0x80000000u;
+  f ^= sign;
+  // too large (>= 65520 rounds to inf) / inf / NaN
+  const vi32x16 is_big = f >= ((127u + 16u) << 23);
+  const vu32x16 big = f > 0x7F800000u ? vu32x16{} + 0x7E00u : vu32x16{} + 0x7C00u;
+  // subnormal or zero result: let the FPU round by adding a magic number
+  const vi32x16 is_small = f < (113u << 23);
+  vfloat fs;
+  __builtin_memcpy(&fs, &f, sizeof(fs));
+  const uint32_t magic_bits = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+  float magic;
+  __builtin_memcpy(&magic, &magic_bits, sizeof(magic));
+  fs += magic;
+  vu32x16 small;
+  __builtin_memcpy(&small, &fs, sizeof(small));
+  small -= magic_bits;
+  // normal: rebias and round to nearest even
+  const vu32x16 normal = (f + ((15u - 127u) << 23) + 0xFFFu + ((f >> 13) & 1u)) >> 13;
+  vu32x16 o = is_big ? big : (is_small ? small : normal);
+  o |= sign >> 16;
+  return __builtin_convertvector(o, vu16x16);
+}
+
 // Vec<acc_t>::lanes values of p, converted to acc_t (unaligned load).
 template <typename acc_t, typename T>
 MOGU_ALWAYS_INLINE typename Vec<acc_t>::type load_vec(const T* p) {
@@ -98,6 +176,10 @@ MOGU_ALWAYS_INLINE typename Vec<acc_t>::type load_vec(const T* p) {
     __builtin_memcpy(&bits, p, sizeof(bits));
     const vu32x16 wide = __builtin_convertvector(bits, vu32x16) << 16;
     __builtin_memcpy(&v, &wide, sizeof(V));
+  } else if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<acc_t, float>) {
+    vu16x16 bits;
+    __builtin_memcpy(&bits, p, sizeof(bits));
+    v = half_bits_to_float(bits);
   } else {
     acc_t tmp[Vec<acc_t>::lanes];
     for (int64_t l = 0; l < Vec<acc_t>::lanes; ++l) tmp[l] = static_cast<acc_t>(p[l]);
@@ -106,10 +188,28 @@ MOGU_ALWAYS_INLINE typename Vec<acc_t>::type load_vec(const T* p) {
   return v;
 }
 
+// 16 fp32 values -> their bf16 bit patterns, rounded to nearest even, NaN -> 0x7FC0: bit for
+// bit c10::BFloat16's conversion, without its one-value-at-a-time loop.
+MOGU_ALWAYS_INLINE vu16x16 to_bf16_bits(vfloat v) {
+  typedef int32_t vi32x16 __attribute__((vector_size(64)));
+  vu32x16 bits;
+  __builtin_memcpy(&bits, &v, sizeof(bits));
+  const vu32x16 rounded = (bits + ((bits >> 16) & 1u) + 0x7FFFu) >> 16;
+  const vi32x16 is_nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  const vu32x16 out = is_nan ? vu32x16{} + 0x7FC0u : rounded;
+  return __builtin_convertvector(out, vu16x16);
+}
+
 template <typename acc_t, typename T>
 MOGU_ALWAYS_INLINE void store_vec(T* p, typename Vec<acc_t>::type v) {
   if constexpr (std::is_same_v<T, acc_t>) {
     __builtin_memcpy(p, &v, sizeof(v));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    const vu16x16 bits = to_bf16_bits(v);
+    __builtin_memcpy(p, &bits, sizeof(bits));
+  } else if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<acc_t, float>) {
+    const vu16x16 bits = float_to_half_bits(v);
+    __builtin_memcpy(p, &bits, sizeof(bits));
   } else {
     acc_t tmp[Vec<acc_t>::lanes];
     __builtin_memcpy(tmp, &v, sizeof(v));
@@ -155,8 +255,18 @@ MOGU_ALWAYS_INLINE void dot_rows(const TX* x, int64_t ldx, const TS* S, int64_t 
   } else {
     for (int64_t c = 0; c < C; ++c)
       for (int i = 0; i < RX; ++i) out[i * ldo + c] = acc_t(0);
+    // Half-precision x: the block of RX rows is converted to acc_t once, not once per S row.
+    constexpr bool kConvertX = !std::is_same_v<TX, acc_t>;
+    alignas(64) acc_t xbuf[kConvertX ? RX * kDotBlock : 1];
     for (int64_t kb = 0; kb < K; kb += kDotBlock) {
       const int64_t ke = std::min(K, kb + kDotBlock);
+      if constexpr (kConvertX) {
+        for (int i = 0; i < RX; ++i) {
+          int64_t k = kb;
+          for (; k + L <= ke; k += L)
+            store_vec<acc_t>(xbuf + i * kDotBlock + (k - kb), load_vec<acc_t>(x + i * ldx + k));
+        }
+      }
       for (int64_t c = 0; c < C; ++c) {
         const TS* sc = S + c * lds;
         V acc[RX];
@@ -164,7 +274,11 @@ MOGU_ALWAYS_INLINE void dot_rows(const TX* x, int64_t ldx, const TS* S, int64_t 
         int64_t k = kb;
         for (; k + L <= ke; k += L) {
           const V sv = load_vec<acc_t>(sc + k);
-          for (int i = 0; i < RX; ++i) acc[i] += load_vec<acc_t>(x + i * ldx + k) * sv;
+          if constexpr (kConvertX) {
+            for (int i = 0; i < RX; ++i) acc[i] += load_vec<acc_t>(xbuf + i * kDotBlock + (k - kb)) * sv;
+          } else {
+            for (int i = 0; i < RX; ++i) acc[i] += load_vec<acc_t>(x + i * ldx + k) * sv;
+          }
         }
         for (int i = 0; i < RX; ++i) {
           acc_t a = reduce_add<acc_t>(acc[i]);
@@ -193,8 +307,18 @@ MOGU_ALWAYS_INLINE void shrink_router_impl(const scalar_t* x, int64_t ldx, const
     dot_rows<kRowGroup>(x + m * ldx, ldx, v + v0 * K, K, v1 - v0, K, logits + m * E + v0, E);
   }
   for (; m < m1; ++m) {
-    dot_rows<1>(x + m * ldx, ldx, A + a0 * K, K, a1 - a0, K, saved + m * C + a0, C);
-    dot_rows<1>(x + m * ldx, ldx, v + v0 * K, K, v1 - v0, K, logits + m * E + v0, E);
+    if constexpr (std::is_same_v<scalar_t, c10::Half>) {  // convert the row once, not once per S row
+      acc_t* xr = scratch<acc_t, 8>(K);
+      constexpr int64_t L = Vec<acc_t>::lanes;
+      int64_t k = 0;
+      for (; k + L <= K; k += L) store_vec<acc_t>(xr + k, load_vec<acc_t>(x + m * ldx + k));
+      for (; k < K; ++k) xr[k] = static_cast<acc_t>(x[m * ldx + k]);
+      dot_rows<1>(xr, K, A + a0 * K, K, a1 - a0, K, saved + m * C + a0, C);
+      dot_rows<1>(xr, K, v + v0 * K, K, v1 - v0, K, logits + m * E + v0, E);
+    } else {
+      dot_rows<1>(x + m * ldx, ldx, A + a0 * K, K, a1 - a0, K, saved + m * C + a0, C);
+      dot_rows<1>(x + m * ldx, ldx, v + v0 * K, K, v1 - v0, K, logits + m * E + v0, E);
+    }
   }
 }
 
@@ -285,10 +409,22 @@ MOGU_ALWAYS_INLINE void gate_expand_impl(scalar_t* y, const scalar_t* bias, cons
   gate_rows(logits, c, base_rows, m0, m1, E, R, scaling, /*write_gates=*/n0 == 0, saved, gates, ts);
   // tile[c * nb + i] = B[e, n0 + i, j] for c = e * R + j: [B_0 | ..]^T restricted to the chunk.
   for (int64_t e = 0; e < E; ++e) {
-    const scalar_t* Be = B + (e * N + n0) * R;
+    const scalar_t* Be = B + (e * N + n0) * R;  // nb * R contiguous values, (i, j) at i * R + j
     acc_t* te = tile + e * R * nb;
-    for (int64_t j = 0; j < R; ++j)
-      for (int64_t i = 0; i < nb; ++i) te[j * nb + i] = static_cast<acc_t>(Be[i * R + j]);
+    constexpr int64_t L = Vec<acc_t>::lanes;
+    int64_t q = 0, i = 0, j = 0;
+    for (; q + L <= nb * R; q += L) {  // converted L at a time, then scattered
+      acc_t vals[L];
+      store_vec<acc_t>(vals, load_vec<acc_t>(Be + q));
+      for (int64_t l = 0; l < L; ++l) {
+        te[j * nb + i] = vals[l];
+        if (++j == R) j = 0, ++i;
+      }
+    }
+    for (; q < nb * R; ++q) {
+      te[j * nb + i] = static_cast<acc_t>(Be[q]);
+      if (++j == R) j = 0, ++i;
+    }
   }
   for (int64_t i = 0; i < nb; ++i) bias_chunk[i] = bias != nullptr ? static_cast<acc_t>(bias[n0 + i]) : acc_t(0);
   int64_t m = m0;
@@ -320,6 +456,380 @@ MOGU_CPU_KERNELS(c10::Half, float)
 MOGU_CPU_KERNELS(c10::BFloat16, float)
 #undef MOGU_CPU_KERNELS
 
+// ---------------------------------------------------------------------------------------------
+// bf16 with oneDNN's brgemm micro-kernel (AMX, or AVX512-BF16): at::native::cpublas::brgemm,
+// bf16 x bf16 -> fp32, B in VNNI layout (pairs along the reduction dimension). Used when
+// x is bf16, K is even and the CPU has a bf16 brgemm (cpublas::could_pack); otherwise the
+// generic kernels above run. Both small products then go through the matrix unit too, so
+// they stay small next to the base GEMM, which oneDNN also runs on it:
+//   a'. [z | logits] = x [A; hi(v); mid(v); lo(v)]^T in ONE brgemm with fp32 accumulation,
+//       v split into three bf16 parts whose sum is v (to fp32 precision: 3 x 8 significant
+//       bits), so the router logits are the fp32 x . v (x is exact in bf16), as the
+//       accumulation-dtype rule asks. Below kBrgemmShrinkRows rows the same products run on
+//       the AVX512-BF16 dot-product instruction (dot_bf16: no packing of S) where the CPU has
+//       it; below kBrgemmShrinkMinRows without it, on the generic dot kernel.
+//   c'. per unit of kBrgemmRows rows x all columns (kColumns-wide groups when there are too
+//       few rows for the threads): gates as in (c), t = s * mix * z rounded to bf16 (the
+//       reference rounds the rank-space activations to x's dtype too), delta = t [B]^T by
+//       brgemm into an fp32 buffer in L2, then y = gs * (y + b) + delta, one read and one
+//       write of y, row by row.
+// The packings (S: (Er + 3E) x K, [B_0 | ..]: N x Er) are per call, O((N + K) Er); no tensor
+// is cached between calls.
+#if defined(MOGU_HAVE_BRGEMM)
+
+// Shrink: the brgemm (after packing S, O(Er K)) from this many rows on; below it, the
+// AVX512-BF16 dot kernel (no packing) where the CPU has one, else from kBrgemmShrinkMinRows.
+constexpr int64_t kBrgemmShrinkRows = 96;
+constexpr int64_t kBrgemmShrinkMinRows = 4;
+constexpr int64_t kBrgemmRows = 32;          // rows per expand unit (delta: 32 x N fp32)
+
+using bf16 = c10::BFloat16;
+
+
+// Splits fp32 v (E, K) into three bf16 rows per expert, Vs (3E, K): row p * E + e holds part
+// p (hi, mid, lo) of v_e; hi + mid + lo = v_e to fp32 precision (3 x 8 significant bits).
+MOGU_CPU_CLONES void split_router_bf16(const float* v, int64_t E, int64_t K, uint16_t* MOGU_RESTRICT Vs) {
+  constexpr int64_t L = 16;
+  for (int64_t e = 0; e < E; ++e) {
+    const float* ve = v + e * K;
+    uint16_t* hi = Vs + e * K;
+    uint16_t* mid = Vs + (E + e) * K;
+    uint16_t* lo = Vs + (2 * E + e) * K;
+    int64_t k = 0;
+    for (; k + L <= K; k += L) {
+      const vfloat x0 = load_vec<float>(ve + k);
+      const vu16x16 h = to_bf16_bits(x0);
+      const vfloat r1 = x0 - load_vec<float>(reinterpret_cast<const bf16*>(&h));
+      const vu16x16 m = to_bf16_bits(r1);
+      const vfloat r2 = r1 - load_vec<float>(reinterpret_cast<const bf16*>(&m));
+      const vu16x16 l = to_bf16_bits(r2);
+      __builtin_memcpy(hi + k, &h, sizeof(h));
+      __builtin_memcpy(mid + k, &m, sizeof(m));
+      __builtin_memcpy(lo + k, &l, sizeof(l));
+    }
+    for (; k < K; ++k) {
+      const bf16 h(ve[k]);
+      const float r1 = ve[k] - static_cast<float>(h);
+      const bf16 m(r1);
+      hi[k] = h.x;
+      mid[k] = m.x;
+      lo[k] = bf16(r1 - static_cast<float>(m)).x;
+    }
+  }
+}
+
+// MOGU_CPU_BF16_PATH (read once per process) caps which bf16 path this CPU may take, so
+// that tests cover on one machine the paths other CPUs take: "generic" (level 0: no
+// brgemm, the generic kernels), "brgemm" (1: brgemm but not the AVX512-BF16 dot kernel, as
+// on CPUs without avx512_bf16), unset or "auto" (2: whatever the CPU has). Anything else
+// is treated as "auto".
+bool bf16_path_allows(int level) {
+  static const int cap = [] {
+    const char* v = std::getenv("MOGU_CPU_BF16_PATH");
+    if (v == nullptr) return 2;
+    const std::string s(v);
+    return s == "generic" ? 0 : s == "brgemm" ? 1 : 2;
+  }();
+  return level <= cap;
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MOGU_HAVE_DPBF16 1
+#define MOGU_DPBF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// out[i * ldo + c] = x_i . S_c for RX rows of x (stride ldx) and the C rows of S (stride lds),
+// with AVX512-BF16 dot products of bf16 pairs accumulated in fp32 (any K: the last partial
+// vector is a masked load, zeros beyond K).
+template <int RX>
+MOGU_DPBF16_TARGET void dot_bf16_rows(const bf16* x, int64_t ldx, const bf16* S, int64_t lds, int64_t C, int64_t K,
+                                      float* out, int64_t ldo) {
+  const int64_t tail = K % 32, Kv = K - tail;
+  const __mmask32 tail_mask = static_cast<__mmask32>((uint64_t{1} << tail) - 1);
+  for (int64_t c = 0; c < C; ++c) {
+    const bf16* sc = S + c * lds;
+    __m512 acc[RX];
+    for (int i = 0; i < RX; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < Kv; k += 32) {
+      const __m512bh sv = (__m512bh)_mm512_loadu_si512(sc + k);
+      for (int i = 0; i < RX; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(x + i * ldx + k), sv);
+    }
+    if (tail != 0) {
+      const __m512bh sv = (__m512bh)_mm512_maskz_loadu_epi16(tail_mask, sc + Kv);
+      for (int i = 0; i < RX; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_maskz_loadu_epi16(tail_mask, x + i * ldx + Kv), sv);
+    }
+    for (int i = 0; i < RX; ++i) out[i * ldo + c] = _mm512_reduce_add_ps(acc[i]);
+  }
+}
+
+// Rows [m0, m1) of x against the C rows of S (see dot_bf16_rows), four rows at a time.
+MOGU_DPBF16_TARGET void dot_bf16(const bf16* x, int64_t ldx, int64_t m0, int64_t m1, const bf16* S, int64_t lds,
+                                 int64_t C, int64_t K, float* out, int64_t ldo) {
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) dot_bf16_rows<4>(x + m * ldx, ldx, S, lds, C, K, out + m * ldo, ldo);
+  for (; m < m1; ++m) dot_bf16_rows<1>(x + m * ldx, ldx, S, lds, C, K, out + m * ldo, ldo);
+}
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = bf16_path_allows(2) && __builtin_cpu_supports("avx512bf16") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return has;
+}
+#endif
+
+MOGU_ALWAYS_INLINE uint16_t bf16_bits(float v) { return c10::BFloat16(v).x; }
+MOGU_ALWAYS_INLINE float bf16_value(uint16_t b) { return static_cast<float>(c10::BFloat16(b, c10::BFloat16::from_bits())); }
+
+// Sp (K/2, C2, 2) uint16, C2 = Er + 3E: column c < Er is A row c, columns Er + p * E + e
+// (p = 0, 1, 2) the hi / mid / lo bf16 parts of v_e. K even.
+MOGU_CPU_CLONES void pack_shrink_bf16(const bf16* A, const float* v, int64_t ER, int64_t E, int64_t K,
+                                      uint16_t* MOGU_RESTRICT Sp) {
+  const int64_t C2 = ER + 3 * E, K2 = K / 2;
+  for (int64_t c = 0; c < ER; ++c) {
+    const bf16* a = A + c * K;
+    for (int64_t kp = 0; kp < K2; ++kp) {
+      uint32_t pair;
+      __builtin_memcpy(&pair, a + 2 * kp, sizeof(pair));
+      __builtin_memcpy(Sp + (kp * C2 + c) * 2, &pair, sizeof(pair));
+    }
+  }
+  constexpr int64_t L = 16;
+  for (int64_t e = 0; e < E; ++e) {
+    const float* ve = v + e * K;
+    uint16_t* hi = Sp + (ER + e) * 2;
+    uint16_t* mid = Sp + (ER + E + e) * 2;
+    uint16_t* lo = Sp + (ER + 2 * E + e) * 2;
+    int64_t k = 0;
+    for (; k + L <= K; k += L) {
+      const vfloat x0 = load_vec<float>(ve + k);
+      const vu16x16 h = to_bf16_bits(x0);
+      const vfloat r1 = x0 - load_vec<float>(reinterpret_cast<const bf16*>(&h));
+      const vu16x16 m = to_bf16_bits(r1);
+      const vfloat r2 = r1 - load_vec<float>(reinterpret_cast<const bf16*>(&m));
+      const vu16x16 l = to_bf16_bits(r2);
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t at = ((k + i) / 2) * C2 * 2 + ((k + i) & 1);
+        hi[at] = h[i];
+        mid[at] = m[i];
+        lo[at] = l[i];
+      }
+    }
+    for (; k < K; ++k) {
+      const int64_t at = (k / 2) * C2 * 2 + (k & 1);
+      const uint16_t h = bf16_bits(ve[k]);
+      const float r1 = ve[k] - bf16_value(h);
+      const uint16_t m = bf16_bits(r1);
+      hi[at] = h;
+      mid[at] = m;
+      lo[at] = bf16_bits(r1 - bf16_value(m));
+    }
+  }
+}
+
+// Bp (ERp/2, N, 2) uint16, ERp = Er rounded up to even: Bp[c/2][n][c%2] = B_e[n][j] for
+// c = e * R + j, and 0 for the padding column c = Er when Er is odd.
+MOGU_CPU_CLONES void pack_expand_bf16(const bf16* B, int64_t E, int64_t N, int64_t R, uint16_t* MOGU_RESTRICT Bp) {
+  const int64_t ER = E * R;
+  if (R == 8) {  // the common rank: 16 rows of B_e (4 pairs each) -> 4 packed rows of 16, by shuffles
+    for (int64_t e = 0; e < E; ++e) {
+      const bf16* Be = B + e * N * R;
+      uint16_t* out = Bp + e * 4 * N * 2;  // packed rows e*4 .. e*4+3, N pairs each
+      int64_t n = 0;
+      for (; n + 16 <= N; n += 16) {
+        vu32x16 v0, v1, v2, v3;  // pairs (n + i, jp) at lane 4 i + jp, four rows of B_e per vector
+        __builtin_memcpy(&v0, Be + n * R, sizeof(v0));
+        __builtin_memcpy(&v1, Be + (n + 4) * R, sizeof(v1));
+        __builtin_memcpy(&v2, Be + (n + 8) * R, sizeof(v2));
+        __builtin_memcpy(&v3, Be + (n + 12) * R, sizeof(v3));
+        const vu32x16 even = {0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29};
+        const vu32x16 odd = {2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31};
+        const vu32x16 lo = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+        const vu32x16 hi = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+        const vu32x16 a01 = __builtin_shuffle(v0, v1, even), a23 = __builtin_shuffle(v0, v1, odd);
+        const vu32x16 b01 = __builtin_shuffle(v2, v3, even), b23 = __builtin_shuffle(v2, v3, odd);
+        const vu32x16 rows[4] = {__builtin_shuffle(a01, b01, lo), __builtin_shuffle(a01, b01, hi),
+                                 __builtin_shuffle(a23, b23, lo), __builtin_shuffle(a23, b23, hi)};
+        for (int jp = 0; jp < 4; ++jp) __builtin_memcpy(out + (jp * N + n) * 2, &rows[jp], sizeof(rows[jp]));
+      }
+      for (; n < N; ++n)
+        for (int64_t jp = 0; jp < 4; ++jp) __builtin_memcpy(out + (jp * N + n) * 2, Be + n * R + 2 * jp, 4);
+    }
+    return;
+  }
+  if (R % 2 == 0) {  // pairs (j, j+1) of one expert: 32-bit moves
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t j = 0; j < R; j += 2) {
+          uint32_t pair;
+          __builtin_memcpy(&pair, B + (e * N + n) * R + j, sizeof(pair));
+          __builtin_memcpy(Bp + (((e * R + j) / 2) * N + n) * 2, &pair, sizeof(pair));
+        }
+    return;
+  }
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < R; ++j) {
+        const int64_t c = e * R + j;
+        Bp[((c / 2) * N + n) * 2 + (c & 1)] = B[(e * N + n) * R + j].x;
+      }
+  if (ER % 2 == 1)
+    for (int64_t n = 0; n < N; ++n) Bp[((ER / 2) * N + n) * 2 + 1] = 0;
+}
+
+// y rows [0, rows) x [0, nb): y = gs[r] * (y + bias_chunk) + delta (fp32 tile, stride ldd).
+MOGU_CPU_CLONES void combine_bf16(bf16* y, int64_t ldy, const float* delta, int64_t ldd, const float* bias_chunk,
+                                  const float* gs, int64_t rows, int64_t nb) {
+  constexpr int64_t L = 16;
+  for (int64_t r = 0; r < rows; ++r) {
+    bf16* yr = y + r * ldy;
+    const float* dr = delta + r * ldd;
+    const float g = gs[r];
+    int64_t i = 0;
+    for (; i + L <= nb; i += L) {
+      const vfloat out = g * (load_vec<float>(yr + i) + load_vec<float>(bias_chunk + i)) + load_vec<float>(dr + i);
+      store_vec<float>(yr + i, out);
+    }
+    for (; i < nb; ++i) yr[i] = static_cast<bf16>(g * (static_cast<float>(yr[i]) + bias_chunk[i]) + dr[i]);
+  }
+}
+
+// logits[m, e] = hi + mid + lo parts; saved[m, :Er] = z, from the (M, C2) brgemm output.
+MOGU_CPU_CLONES void unpack_shrink(const float* out, int64_t m0, int64_t m1, int64_t ER, int64_t E, float* saved,
+                                   float* logits) {
+  const int64_t C2 = ER + 3 * E;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* o = out + m * C2;
+    float* s = saved + m * (ER + E);
+    for (int64_t c = 0; c < ER; ++c) s[c] = o[c];
+    for (int64_t e = 0; e < E; ++e) logits[m * E + e] = o[ER + e] + (o[ER + E + e] + o[ER + 2 * E + e]);
+  }
+}
+
+// Whether this CPU has a bf16 brgemm (checked once).
+bool bf16_brgemm_usable() {
+  static const bool usable = bf16_path_allows(1) && at::native::cpublas::could_pack(at::kBFloat16);
+  return usable;
+}
+
+// The whole forward for bf16 x with even K on a CPU with a bf16 brgemm (plan a', b, c').
+void forward_bf16_brgemm(ForwardCall& f, const Tensor& weight, double scaling) {
+  namespace cpublas = at::native::cpublas;
+  const int64_t M = f.d.M, K = f.d.K, N = f.d.N, E = f.d.E, R = f.d.R, ER = f.d.ER;
+  const int64_t C = ER + E, C2 = ER + 3 * E, ERp = ER + (ER & 1);
+  const bf16* x_ptr = f.x2.const_data_ptr<bf16>();
+  const int64_t ldx = f.x2.stride(0);
+  const bf16* A_ptr = f.A.const_data_ptr<bf16>();
+  const bf16* B_ptr = f.B.const_data_ptr<bf16>();
+  const bf16* b_ptr = f.bias.defined() ? f.bias.const_data_ptr<bf16>() : nullptr;
+  const float* v_ptr = f.v.const_data_ptr<float>();
+  const float* c_ptr = f.c.const_data_ptr<float>();
+  const bool* br_ptr = f.base_rows.defined() ? f.base_rows.const_data_ptr<bool>() : nullptr;
+  bf16* y_ptr = f.y.mutable_data_ptr<bf16>();
+  bf16* gates_ptr = f.gates.mutable_data_ptr<bf16>();
+  float* saved_ptr = f.saved.mutable_data_ptr<float>();
+  float* logits_ptr = f.logits.mutable_data_ptr<float>();
+  const float s = static_cast<float>(scaling);
+
+  // (a') shrink and router logits.
+  bool done = false;
+#if defined(MOGU_HAVE_DPBF16)
+  if (M < kBrgemmShrinkRows && cpu_has_avx512_bf16()) {
+    // z into saved directly; the logits' three parts into vout, summed below.
+    uint16_t* Vs = scratch<uint16_t, 0>(static_cast<size_t>(3 * E * K));
+    float* vout = scratch<float, 1>(static_cast<size_t>(M * 3 * E));
+    split_router_bf16(v_ptr, E, K, Vs);
+    const bf16* V_bf = reinterpret_cast<const bf16*>(Vs);
+    // (row group of 4, block of S rows) units, as in (a): decode rows split the S rows too.
+    const int64_t row_groups = (M + 3) / 4;
+    const int64_t c_chunks =
+        row_groups >= 2 * at::get_num_threads() ? 1 : (C2 + kStackedRowsPerTask - 1) / kStackedRowsPerTask;
+    const int64_t c_step = (C2 + c_chunks - 1) / c_chunks;
+    const int64_t unit_work = std::min<int64_t>(M, 4) * c_step * K / 4;  // dpbf16: ~4x the fp32 rate
+    const int64_t grain = std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(1, unit_work));
+    at::parallel_for(0, row_groups * c_chunks, grain, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t m0 = (u / c_chunks) * 4, m1 = std::min(M, m0 + 4);
+        const int64_t c0 = (u % c_chunks) * c_step, c1 = std::min(C2, c0 + c_step);
+        const int64_t a1 = std::min(c1, ER);
+        if (c0 < a1) dot_bf16(x_ptr, ldx, m0, m1, A_ptr + c0 * K, K, a1 - c0, K, saved_ptr + c0, ER + E);
+        const int64_t p0 = std::max(c0, ER) - ER, p1 = c1 - ER;
+        if (p0 < p1) dot_bf16(x_ptr, ldx, m0, m1, V_bf + p0 * K, K, p1 - p0, K, vout + p0, 3 * E);
+      }
+    });
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t e = 0; e < E; ++e) {
+        const float* o = vout + m * 3 * E;
+        logits_ptr[m * E + e] = o[e] + (o[E + e] + o[2 * E + e]);
+      }
+    done = true;
+  }
+#endif
+  if (!done && M >= kBrgemmShrinkMinRows) {
+    uint16_t* Sp = scratch<uint16_t, 0>(static_cast<size_t>(K * C2));
+    float* out = scratch<float, 1>(static_cast<size_t>(M * C2));
+    pack_shrink_bf16(A_ptr, v_ptr, ER, E, K, Sp);
+    const int64_t grain = std::max<int64_t>(kRowGroup, kMinWorkPerTask / std::max<int64_t>(1, C2 * K) * 16);
+    at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+      cpublas::brgemm(m1 - m0, C2, K, ldx, C2, C2, /*add_C=*/false, x_ptr + m0 * ldx,
+                      reinterpret_cast<const bf16*>(Sp), out + m0 * C2);
+      cpublas::brgemm_release();
+      unpack_shrink(out, m0, m1, ER, E, saved_ptr, logits_ptr);
+    });
+  } else if (!done) {
+    at::parallel_for(0, (C + kStackedRowsPerTask - 1) / kStackedRowsPerTask, 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t c0 = u * kStackedRowsPerTask;
+        shrink_router(x_ptr, ldx, A_ptr, v_ptr, 0, M, c0, std::min(C, c0 + kStackedRowsPerTask), K, ER, E,
+                      saved_ptr, logits_ptr);
+      }
+    });
+  }
+
+  // (b) the base product.
+  at::mm_out(f.y, f.x2, weight.t());
+
+  // (c') gating and epilogue per unit of kBrgemmRows rows x a group of columns: all N columns
+  // when there are enough row units for the threads (then y is read in whole rows, which the
+  // hardware prefetchers follow; 256-column pieces of rows 4 KiB apart they do not), else
+  // kColumns-wide groups so that decode rows split across threads too.
+  uint16_t* Bp = scratch<uint16_t, 2>(static_cast<size_t>(ERp * N));
+  pack_expand_bf16(B_ptr, E, N, R, Bp);
+  const int64_t row_units = (M + kBrgemmRows - 1) / kBrgemmRows;
+  const int64_t col_groups = row_units >= 2 * at::get_num_threads() ? 1 : (N + kColumns - 1) / kColumns;
+  const int64_t group_cols = col_groups == 1 ? N : kColumns;
+  const int64_t unit_work = std::min(M, kBrgemmRows) * group_cols * (ER + 2);
+  at::parallel_for(0, row_units * col_groups, std::max<int64_t>(1, kMinWorkPerTask / unit_work),
+                   [&](int64_t u0, int64_t u1) {
+    const int64_t mb_max = std::min(M, kBrgemmRows);
+    float* ts = scratch<float, 3>(mb_max * (ER + 1));
+    bf16* tb = scratch<bf16, 4>(mb_max * ERp);
+    float* gs = scratch<float, 5>(mb_max);
+    float* delta = scratch<float, 6>(mb_max * group_cols);
+    float* bias_chunk = scratch<float, 7>(group_cols);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t m0 = (u / col_groups) * kBrgemmRows, n0 = (u % col_groups) * group_cols;
+      const int64_t m1 = std::min(M, m0 + kBrgemmRows), n1 = std::min(N, n0 + group_cols), nb = n1 - n0;
+      gate_rows(logits_ptr, c_ptr, br_ptr, m0, m1, E, R, s, /*write_gates=*/n0 == 0, saved_ptr, gates_ptr, ts);
+      for (int64_t r = 0; r < m1 - m0; ++r) {
+        const float* t = ts + r * (ER + 1);
+        for (int64_t c = 0; c < ER; ++c) tb[r * ERp + c] = static_cast<bf16>(t[c]);
+        if (ERp > ER) tb[r * ERp + ER] = static_cast<bf16>(0.0f);
+        gs[r] = t[ER];
+      }
+      for (int64_t i = 0; i < nb; ++i) bias_chunk[i] = b_ptr != nullptr ? static_cast<float>(b_ptr[n0 + i]) : 0.0f;
+      for (int64_t c0 = n0; c0 < n1; c0 += kColumns) {  // delta (rows x nb) in kColumns-wide brgemms
+        cpublas::brgemm(m1 - m0, std::min(n1, c0 + kColumns) - c0, ERp, ERp, N, nb, /*add_C=*/false, tb,
+                        reinterpret_cast<const bf16*>(Bp) + c0 * 2, delta + (c0 - n0));
+      }
+      combine_bf16(y_ptr + m0 * N + n0, N, delta, nb, bias_chunk, gs, m1 - m0, nb);
+    }
+    cpublas::brgemm_release();
+  });
+}
+
+#endif  // MOGU_HAVE_BRGEMM
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> mogu_linear_cpu(
@@ -329,6 +839,12 @@ std::tuple<Tensor, Tensor, Tensor> mogu_linear_cpu(
   ForwardCall f = prepare_forward(x, weight, bias, lora_A, lora_B, router_weight, router_bias, base_rows,
                                   c10::DeviceType::CPU, "mogu_linear[cpu]");
   const int64_t M = f.d.M, K = f.d.K, N = f.d.N, E = f.d.E, R = f.d.R, ER = f.d.ER;
+#if defined(MOGU_HAVE_BRGEMM)
+  if (M > 0 && x.scalar_type() == at::kBFloat16 && K % 2 == 0 && bf16_brgemm_usable()) {
+    forward_bf16_brgemm(f, weight, scaling);
+    return f.outputs();
+  }
+#endif
   if (M > 0) {
     const bool* br_ptr = f.base_rows.defined() ? f.base_rows.const_data_ptr<bool>() : nullptr;
     const int64_t ldx = f.x2.stride(0);
@@ -372,14 +888,13 @@ std::tuple<Tensor, Tensor, Tensor> mogu_linear_cpu(
       const int64_t tile_work = std::min(M, kRowBlock) * std::min(N, kColumns) * (ER + 2);
       at::parallel_for(0, row_blocks * col_chunks, std::max<int64_t>(1, kMinWorkPerTask / tile_work),
                        [&](int64_t u0, int64_t u1) {
-        std::vector<acc_t> ts(std::min(M, kRowBlock) * (ER + 1));
-        std::vector<acc_t> tile(ER * std::min(N, kColumns));
-        std::vector<acc_t> bias_chunk(std::min(N, kColumns));
+        acc_t* ts = scratch<acc_t, 3>(std::min(M, kRowBlock) * (ER + 1));
+        acc_t* tile = scratch<acc_t, 4>(ER * std::min(N, kColumns));
+        acc_t* bias_chunk = scratch<acc_t, 5>(std::min(N, kColumns));
         for (int64_t u = u0; u < u1; ++u) {
           const int64_t m0 = (u / col_chunks) * kRowBlock, n0 = (u % col_chunks) * kColumns;
           gate_expand(y_ptr, b_ptr, B_ptr, logits_ptr, c_ptr, br_ptr, m0, std::min(M, m0 + kRowBlock), n0,
-                      std::min(N, n0 + kColumns), N, E, R, s, saved_ptr, gates_ptr, ts.data(), tile.data(),
-                      bias_chunk.data());
+                      std::min(N, n0 + kColumns), N, E, R, s, saved_ptr, gates_ptr, ts, tile, bias_chunk);
         }
       });
     });

@@ -88,7 +88,7 @@ ForwardCall prepare_forward(const Tensor& x, const Tensor& weight, const std::op
   f.saved = at::empty({d.M, d.ER + d.E}, x.options().dtype(f.acc));
   if (d.M == 0) return f;
 
-  f.x2 = x.reshape({d.M, d.K});
+  f.x2 = x.dim() == 2 ? x : x.reshape({d.M, d.K});  // no new tensor object for the common 2-D x
   if (f.x2.stride(1) != 1) f.x2 = f.x2.contiguous();  // rows may be strided, K must be unit-stride
   f.A = dense(lora_A, dt);
   f.B = dense(lora_B, dt);
@@ -101,6 +101,7 @@ ForwardCall prepare_forward(const Tensor& x, const Tensor& weight, const std::op
 }
 
 std::tuple<Tensor, Tensor, Tensor> ForwardCall::outputs() const {
+  if (lead.size() == 1) return {y, gates, saved};  // 2-D x: already shaped
   auto with_last = [&](int64_t last) {
     std::vector<int64_t> shape(lead);
     shape.push_back(last);

@@ -1,8 +1,9 @@
 // mogu_library.cpp: the ``mogu_C`` torch library (schemas, CPU registrations) and the Python
 // module ``mogu_kernels._C``.
 //
-// The Python module itself is empty apart from two build flags (WITH_CUDA, WITH_OPENMP);
-// importing it runs the static TORCH_LIBRARY registrations of all sources. Where the kernels
+// The Python module holds two build flags (WITH_CUDA, WITH_OPENMP) and ``mogu_linear``, the
+// op's fast entry for mogu_kernels.extension; importing it runs the static TORCH_LIBRARY
+// registrations of all sources. Where the kernels
 // live: argument checks and the forwards' shared entry preamble mogu_entry.cpp, CPU forward
 // mogu_cpu.cpp, CUDA forward mogu_cuda.cu, backward (ATen, both devices) mogu_backward.cpp,
 // autograd mogu_autograd.cpp, fake (meta) kernels in Python
@@ -10,6 +11,10 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -43,11 +48,91 @@ TORCH_LIBRARY_IMPL(mogu_C, CUDA, m) {
 }
 #endif
 
-// ``import mogu_kernels._C``: an otherwise empty module (no pybind11) with the build flags.
+namespace {
+
+// torch.nn.Parameter, looked up on first use (a Tensor subclass whose __torch_function__ is
+// disabled, so it needs no Python-level handling).
+PyTypeObject* parameter_type() {
+  static PyTypeObject* type = [] {
+    PyObject* module = PyImport_ImportModule("torch.nn.parameter");
+    PyObject* cls = module != nullptr ? PyObject_GetAttrString(module, "Parameter") : nullptr;
+    Py_XDECREF(module);
+    PyErr_Clear();
+    return reinterpret_cast<PyTypeObject*>(cls);  // kept alive for the process
+  }();
+  return type;
+}
+
+// A plain tensor: exactly torch.Tensor or torch.nn.Parameter (no subclass that may override
+// __torch_function__).
+bool plain_tensor(PyObject* obj) {
+  return THPVariable_CheckExact(obj) || (parameter_type() != nullptr && Py_TYPE(obj) == parameter_type());
+}
+
+struct ReleaseGil {
+  PyThreadState* state = PyEval_SaveThread();
+  ~ReleaseGil() { PyEval_RestoreThread(state); }
+};
+
+// _C.mogu_linear(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows)
+// -> (y, gates): mogu_C::mogu_linear called straight through the dispatcher (autograd, fake
+// and device kernels as through torch.ops), without torch.ops' boxed, schema-driven argument
+// handling, which costs more than the op itself at decode shapes. Takes the arguments
+// positionally as the schema has them; returns NotImplemented (the caller then goes through
+// torch.ops) for anything but plain tensors / None and an exact Python float, or while a
+// __torch_function__ mode is active, so those keep torch.ops' semantics. Argument errors are
+// the op's own (RuntimeError from its TORCH_CHECKs).
+PyObject* fast_mogu_linear(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 9 || !PyFloat_CheckExact(args[7]) || at::impl::torch_function_mode_enabled()) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  for (int i : {0, 1, 3, 4, 5, 6}) {
+    if (!plain_tensor(args[i])) Py_RETURN_NOTIMPLEMENTED;
+  }
+  for (int i : {2, 8}) {
+    if (args[i] != Py_None && !plain_tensor(args[i])) Py_RETURN_NOTIMPLEMENTED;
+  }
+  auto optional = [&](int i) {
+    return args[i] == Py_None ? std::optional<at::Tensor>() : std::optional<at::Tensor>(THPVariable_Unpack(args[i]));
+  };
+  const std::optional<at::Tensor> bias = optional(2), base_rows = optional(8);
+  const double scaling = PyFloat_AS_DOUBLE(args[7]);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mogu_C::mogu_linear", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                           const std::optional<at::Tensor>&)>();
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  {
+    ReleaseGil no_gil;
+    out = op.call(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]), bias, THPVariable_Unpack(args[3]),
+                  THPVariable_Unpack(args[4]), THPVariable_Unpack(args[5]), THPVariable_Unpack(args[6]), scaling,
+                  base_rows);
+  }
+  PyObject* result = PyTuple_New(2);
+  if (result == nullptr) return nullptr;
+  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(std::get<0>(out))));
+  PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(std::move(std::get<1>(out))));
+  return result;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"mogu_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_mogu_linear)), METH_FASTCALL,
+     "mogu_linear(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows) -> (y, gates) "
+     "or NotImplemented: torch.ops.mogu_C.mogu_linear without torch.ops' argument handling"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// ``import mogu_kernels._C``: the build flags and the fast entry ``mogu_linear`` (no pybind11).
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "mogu_C torch ops (see torch.ops.mogu_C); WITH_CUDA/WITH_OPENMP: build flags",
-      -1, nullptr};
+      PyModuleDef_HEAD_INIT, "_C",
+      "mogu_C torch ops (see torch.ops.mogu_C); mogu_linear: their fast entry; WITH_CUDA/WITH_OPENMP: build flags",
+      -1, methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
 #ifdef MOGU_WITH_CUDA

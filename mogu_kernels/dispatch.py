@@ -166,14 +166,13 @@ def resolve_backend(device: torch.device | str, backend: Optional[str] = None) -
     """The backend that ``mogu_linear(..., backend=backend)`` uses for tensors on ``device``."""
     if type(device) is not torch.device:
         device = torch.device(device)
-    source = "backend="
-    if backend is None:
+    explicit = backend is not None
+    if not explicit:
         if _ENV_DATA is not None and os.environ is _ENVIRON:      # _env_backend(), inlined
             raw = _ENV_DATA.get(_ENV_KEY)
             backend = _ENVIRON.decodevalue(raw) if raw else None
         else:
             backend = _env_backend()
-        source = f"${ENV_VAR}"
     hit = _CACHE.get((device, backend))
     if hit is not None:
         b, skipped = hit
@@ -184,7 +183,7 @@ def resolve_backend(device: torch.device | str, backend: Optional[str] = None) -
             return b                                                        # _cache_valid, inlined
     skipped: List[Tuple[str, Optional[Backend]]] = []
     if backend is not None:
-        chosen = _explicit(backend, device, source)
+        chosen = _explicit(backend, device, "backend=" if explicit else f"${ENV_VAR}")
     else:
         chosen = None
         for name in PREFERENCE.get(device.type, ["reference"]):

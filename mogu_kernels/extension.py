@@ -11,7 +11,9 @@ Importing this module tries to load ``mogu_kernels._C`` (built from ``csrc/`` by
 * ``torch.ops.mogu_C.mogu_linear_backward(...)``: gradients for x, lora_A, lora_B,
   router_weight and router_bias (weight and bias are frozen).
 
-The contract, shapes and dtypes are stated in ``csrc/mogu_ops.h``. Autograd is registered
+The module also has ``_C.mogu_linear``, a fast entry to the same op (see
+``extension_mogu_linear``). The contract, shapes and dtypes are stated in
+``csrc/mogu_ops.h``. Autograd is registered
 in C++ (``csrc/mogu_autograd.cpp``: an inference call never enters Python); this module adds
 the fake kernels of both ops (``torch.library.register_fake``), so the op also works on
 meta/fake tensors and under ``torch.compile``.
@@ -31,6 +33,8 @@ import torch
 from .dispatch import Backend, register_backend
 from .validation import accumulation_dtype, check_mogu_linear_args
 
+_is_compiling = torch.compiler.is_compiling
+
 try:
     from . import _C  # noqa: F401  (loading it registers the mogu_C ops)
     LOAD_ERROR: Optional[str] = None
@@ -41,6 +45,9 @@ except (ImportError, OSError) as exc:  # not built, or built against another tor
 
 if _C is not None:
     _FORWARD = torch.ops.mogu_C.mogu_linear.default
+    # The same op without torch.ops' argument handling (csrc/mogu_library.cpp); None for a
+    # shared library built before it existed. NotImplemented from it: use _FORWARD.
+    _FAST = getattr(_C, "mogu_linear", None)
 
     @torch.library.register_fake("mogu_C::mogu_linear")
     def _mogu_linear_fake(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows):
@@ -73,9 +80,17 @@ def extension_mogu_linear(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``mogu_linear`` through ``torch.ops.mogu_C.mogu_linear`` (the CPU or CUDA kernel by x's
     device); arguments and result as in :func:`mogu_kernels.mogu_linear`. The op checks its
-    arguments itself (``checks_args=True``: mogu_linear words its errors only when it raised)."""
+    arguments itself (``checks_args=True``: mogu_linear words its errors only when it raised).
+
+    Eager calls with plain tensors go through ``_C.mogu_linear``, the op's fast entry (the same
+    dispatcher call without torch.ops' boxed argument handling); under torch.compile, with
+    tensor subclasses, a __torch_function__ mode or a non-float scaling, through torch.ops."""
     if _C is None:
         raise RuntimeError(LOAD_ERROR)
+    if _FAST is not None and not _is_compiling():
+        out = _FAST(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows)
+        if out is not NotImplemented:
+            return out
     y, gates, _ = _FORWARD(x, weight, bias, lora_A, lora_B, router_weight, router_bias, float(scaling), base_rows)
     return y, gates
 
@@ -95,8 +110,12 @@ def cuda_unavailable_reason() -> Optional[str]:
     return None
 
 
+_CPU = torch.device("cpu")
+
 register_backend(Backend(name="cpp", fn=extension_mogu_linear,
-                         supports_device=lambda device: device.type == "cpu",
+                         # device == _CPU first: it is a tenth of the cost of device.type, and this
+                         # runs on every call (dispatch re-validates the cached choice).
+                         supports_device=lambda device: device == _CPU or device.type == "cpu",
                          unavailable_reason=cpp_unavailable_reason, checks_args=True))
 register_backend(Backend(name="cuda", fn=extension_mogu_linear,
                          supports_device=lambda device: device.type == "cuda",

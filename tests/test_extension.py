@@ -140,6 +140,41 @@ def test_backend_cpp_really_runs_the_extension(monkeypatch):
     assert rel_err(y, y_ref) < FWD_TOL[torch.float32] and rel_err(gates, g_ref) < FWD_TOL[torch.float32]
 
 
+@needs_ext
+def test_fast_entry_is_the_op_and_defers_what_it_does_not_handle():
+    """``_C.mogu_linear`` (what the cpp backend calls) is mogu_C::mogu_linear through the
+    dispatcher without torch.ops' argument handling: same results, autograd, the op's own
+    errors; NotImplemented (so torch.ops runs instead) for a non-float scaling, a tensor
+    subclass or an active __torch_function__ mode."""
+    fast = extension._C.mogu_linear
+    x, w, b, A, B, rw, rb = make_args(5, 24, 20, 4, 2, seed=21)
+    y, g = fast(x, w, b, A, B, rw, rb, 1.5, None)
+    y2, g2, _ = torch.ops.mogu_C.mogu_linear(x, w, b, A, B, rw, rb, 1.5, None)
+    assert torch.equal(y, y2) and torch.equal(g, g2)
+    param = torch.nn.Parameter(w.clone(), requires_grad=False)
+    assert torch.equal(fast(x, param, b, A, B, rw, rb, 1.5, None)[0], y)
+    xg = x.clone().requires_grad_(True)
+    fast(xg, w, b, A, B, rw, rb, 1.5, None)[0].sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape
+    with pytest.raises(RuntimeError, match=r"mogu_linear\[cpu\]: weight must be"):
+        fast(x, w[:, :3], b, A, B, rw, rb, 1.5, None)
+
+    class Sub(torch.Tensor):
+        pass
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    assert fast(x, w, b, A, B, rw, rb, 2, None) is NotImplemented
+    assert fast(x.as_subclass(Sub), w, b, A, B, rw, rb, 1.5, None) is NotImplemented
+    with Mode():
+        assert fast(x, w, b, A, B, rw, rb, 1.5, None) is NotImplemented
+        y3, _ = mogu_kernels.mogu_linear(x, w, b, A, B, rw, rb, 1.5, backend="cpp")
+    y4, _ = mogu_kernels.mogu_linear(x.as_subclass(Sub), w, b, A, B, rw, rb, 1.5, backend="cpp")
+    assert torch.equal(y3, y) and torch.equal(y4.as_subclass(torch.Tensor), y)
+
+
 # ----------------------------------------------------------------------------- forward
 FORWARD_CASES = [  # M, K, N, r, E, bias, layout
     (1, 40, 36, 8, 2, True, "2d"),
@@ -262,6 +297,86 @@ def test_op_lays_out_strided_operands_itself(dtype):
     assert y.dtype == dtype and gates.dtype == dtype and saved.dtype == torch.float32
     assert rel_err(y, y_ref) < FWD_TOL[dtype] and rel_err(gates, g_ref) < FWD_TOL[dtype]
     assert rel_err(saved[..., 8:], g_ref) < FWD_TOL[torch.float32]
+
+
+# ----------------------------------------------------------------------------- bf16 / fp16 on the CPU
+# Sizes off every block size of the CPU kernels (16-lane vectors, 8-row groups, 32-row brgemm
+# calls, 128-row blocks, 256-column chunks, 512-long K blocks). bf16 with even K runs the small
+# products on oneDNN's brgemm where the CPU has one (AMX / AVX512-BF16; shrink from 4 rows on);
+# odd K, fp16 and other CPUs run the vector kernels.
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+HALF_CASES = [  # M, K, N, r, E, bias, layout
+    (1, 1030, 2100, 8, 2, True, "2d"),            # a decode row: dot-kernel shrink
+    (3, 1030, 530, 5, 3, False, "3d"),            # Er = 15 (odd): the padded expand
+    (5, 262, 530, 8, 2, True, "strided_rows"),    # first rows on the brgemm shrink
+    (17, 1031, 300, 8, 2, True, "2d"),            # odd K
+    (133, 514, 777, 6, 2, True, "strided_k"),     # two row blocks, four column chunks
+    (301, 130, 2050, 4, 3, False, "transposed"),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("M,K,N,r,E,bias,layout", HALF_CASES)
+def test_half_precision_forward_on_cpu(threads, dtype, M, K, N, r, E, bias, layout):
+    """y and gates within the dtype's tolerance of the float64 spec, base rows the plain
+    layer, and the fp32 state the op keeps for backward (unscaled shrink, gates) to fp32
+    accuracy: the shrink and the router logits are accumulated in fp32, the logits from the
+    fp32 router weights (not a bf16 copy of them)."""
+    args = make_args(M, K, N, r, E, bias=bias, layout=layout, dtype=dtype, seed=M * 7 + K + N)
+    x, w, b, A, B, rw, rb = args
+    rows = random_base_rows(x, seed=M + 1)
+    y, gates, saved = torch.ops.mogu_C.mogu_linear(x, w, b, A, B, rw, rb, 1.5, rows)
+    y_ref, g_ref = spec_mogu_linear(*args, 1.5, base_rows=rows)
+    assert y.shape == y_ref.shape and y.dtype == dtype and gates.dtype == dtype
+    assert rel_err(y, y_ref) < FWD_TOL[dtype] and rel_err(gates, g_ref) < FWD_TOL[dtype]
+    assert rel_err(y[rows], F.linear(x, w, b)[rows]) < FWD_TOL[dtype]
+    z_ref = torch.einsum("...k,erk->...er", x.double(), A.double()).flatten(-2)
+    assert saved.dtype == torch.float32
+    assert rel_err(saved[..., :E * r], z_ref) < 1e-5
+    assert float((saved[..., E * r:].double() - g_ref).abs().max()) < 1e-5
+    y2, g2 = mogu_kernels.mogu_linear(*args, 1.5)           # the default CPU backend is this op
+    assert torch.equal(g2, gates) and rel_err(y2, spec_mogu_linear(*args, 1.5)[0]) < FWD_TOL[dtype]
+
+
+@needs_ext
+@pytest.mark.parametrize("path", ["generic", "brgemm"])
+def test_bf16_paths_of_other_cpus(path):
+    """The bf16 forward takes one of three paths by what the CPU has (csrc/mogu_cpu.cpp): the
+    AVX512-BF16 dot kernel plus brgemm (this machine), brgemm alone (CPUs without
+    avx512_bf16), or the generic kernels (no oneDNN brgemm). MOGU_CPU_BF16_PATH caps the
+    path per process, so the bf16 tests above run again here in a subprocess on each of the
+    two paths this machine would not take, against the same float64 spec."""
+    env = dict(os.environ, MOGU_CPU_BF16_PATH=path,
+               PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "test_half_precision_forward_on_cpu and bf16 or test_bf16_router_logits_keep_fp32"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-500:]
+
+
+@needs_ext
+@pytest.mark.parametrize("M", [1, 40])
+def test_bf16_router_logits_keep_fp32_precision_for_large_x(M):
+    """Large bf16 x whose router terms cancel (x_k = x_{k+1}, v_k ~ -v_{k+1}): with the
+    router weights rounded to bf16 the logits would be off by ~|x| |v| 2^-9 per term; the op
+    keeps fp32 precision, so its fp32 gates match the float64 sigmoid closely."""
+    K, N, r = 514, 300, 8
+    x, w, b, A, B, rw, rb = make_args(M, K, N, r, 2, dtype=torch.bfloat16, seed=M + 11)
+    g = torch.Generator().manual_seed(M)
+    big = (torch.rand(M, K // 2, generator=g) * 2e3 + 1e3).to(torch.bfloat16)
+    x = big.repeat_interleave(2, dim=1)                                     # x_k = x_{k+1}, |x| ~ 2e3
+    half = torch.randn(2, K // 2, generator=g) * 0.05
+    rw = torch.stack([half, -half + torch.randn(2, K // 2, generator=g) * 1e-5], -1).flatten(1)
+    rw = rw + torch.randn(2, K, generator=g) * 1e-9                         # not a bf16 value
+    _, gates, saved = torch.ops.mogu_C.mogu_linear(x, w, b, A, B, rw, rb, 2.0, None)
+    _, g_ref = spec_mogu_linear(x, w, b, A, B, rw, rb, 2.0)
+    logits_ref = x.double() @ rw.double().T + rb.double()
+    assert float(logits_ref.abs().max()) < 20                               # the cancellation happened
+    assert float((saved[..., 2 * r:].double() - g_ref).abs().max()) < 1e-3
+    rounded = torch.sigmoid(x.double() @ rw.to(torch.bfloat16).double().T + rb.double())
+    assert float((rounded - g_ref).abs().max()) > 1e-2                      # what a bf16 router would give
 
 
 # ----------------------------------------------------------------------------- backward

@@ -36,13 +36,17 @@ def test_forward_matches_float64_spec(backend, M, K, N, r, E, bias, three_d):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_half_precision_forward(backend):
-    args = make_inputs(7, 40, 36, 8, dtype=torch.float16, seed=3)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("M,K,N,r", [(7, 40, 36, 8), (1, 262, 300, 8), (19, 130, 517, 5)])
+def test_half_precision_forward(backend, dtype, M, K, N, r):
+    """fp16 and bf16 on the CPU (sizes off every block size; K=130 and 262 take the C++
+    extension's brgemm path for bf16 where the CPU has one, K=40 too, M=1 its dot kernel)."""
+    args = make_inputs(M, K, N, r, dtype=dtype, seed=3 + M)
     y, gates = mogu_kernels.mogu_linear(*args, 2.0, backend=backend)
     y_ref, g_ref = spec_mogu_linear(*args, 2.0)
-    assert y.dtype == torch.float16 and gates.dtype == torch.float16
-    assert rel_err(y, y_ref) < TOL[torch.float16]
-    assert rel_err(gates, g_ref) < TOL[torch.float16]
+    assert y.dtype == dtype and gates.dtype == dtype
+    assert rel_err(y, y_ref) < TOL[dtype]
+    assert rel_err(gates, g_ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
