@@ -485,6 +485,29 @@ constexpr int64_t kBrgemmRows = 32;          // rows per expand unit (delta: 32 
 
 using bf16 = c10::BFloat16;
 
+// v = hi + mid + lo to fp32 precision (3 x 8 significant bits), each part the bf16 rounding
+// of what the parts before it leave: the one statement of the router-weight split that both
+// layouts below (plain rows, VNNI-packed columns) write out. 16 lanes, or one value.
+struct Bf16Split16 {
+  vu16x16 hi, mid, lo;
+};
+MOGU_ALWAYS_INLINE Bf16Split16 split3_bf16(vfloat x0) {
+  Bf16Split16 p;
+  p.hi = to_bf16_bits(x0);
+  const vfloat r1 = x0 - load_vec<float>(reinterpret_cast<const bf16*>(&p.hi));
+  p.mid = to_bf16_bits(r1);
+  p.lo = to_bf16_bits(r1 - load_vec<float>(reinterpret_cast<const bf16*>(&p.mid)));
+  return p;
+}
+MOGU_ALWAYS_INLINE void split3_bf16(float v, uint16_t& hi, uint16_t& mid, uint16_t& lo) {
+  const bf16 h(v);
+  const float r1 = v - static_cast<float>(h);
+  const bf16 m(r1);
+  hi = h.x;
+  mid = m.x;
+  lo = bf16(r1 - static_cast<float>(m)).x;
+}
+
 
 // Splits fp32 v (E, K) into three bf16 rows per expert, Vs (3E, K): row p * E + e holds part
 // p (hi, mid, lo) of v_e; hi + mid + lo = v_e to fp32 precision (3 x 8 significant bits).
@@ -497,24 +520,12 @@ MOGU_CPU_CLONES void split_router_bf16(const float* v, int64_t E, int64_t K, uin
     uint16_t* lo = Vs + (2 * E + e) * K;
     int64_t k = 0;
     for (; k + L <= K; k += L) {
-      const vfloat x0 = load_vec<float>(ve + k);
-      const vu16x16 h = to_bf16_bits(x0);
-      const vfloat r1 = x0 - load_vec<float>(reinterpret_cast<const bf16*>(&h));
-      const vu16x16 m = to_bf16_bits(r1);
-      const vfloat r2 = r1 - load_vec<float>(reinterpret_cast<const bf16*>(&m));
-      const vu16x16 l = to_bf16_bits(r2);
-      __builtin_memcpy(hi + k, &h, sizeof(h));
-      __builtin_memcpy(mid + k, &m, sizeof(m));
-      __builtin_memcpy(lo + k, &l, sizeof(l));
+      const Bf16Split16 p = split3_bf16(load_vec<float>(ve + k));
+      __builtin_memcpy(hi + k, &p.hi, sizeof(p.hi));
+      __builtin_memcpy(mid + k, &p.mid, sizeof(p.mid));
+      __builtin_memcpy(lo + k, &p.lo, sizeof(p.lo));
     }
-    for (; k < K; ++k) {
-      const bf16 h(ve[k]);
-      const float r1 = ve[k] - static_cast<float>(h);
-      const bf16 m(r1);
-      hi[k] = h.x;
-      mid[k] = m.x;
-      lo[k] = bf16(r1 - static_cast<float>(m)).x;
-    }
+    for (; k < K; ++k) split3_bf16(ve[k], hi[k], mid[k], lo[k]);
   }
 }
 
@@ -578,8 +589,6 @@ bool cpu_has_avx512_bf16() {
 }
 #endif
 
-MOGU_ALWAYS_INLINE uint16_t bf16_bits(float v) { return c10::BFloat16(v).x; }
-MOGU_ALWAYS_INLINE float bf16_value(uint16_t b) { return static_cast<float>(c10::BFloat16(b, c10::BFloat16::from_bits())); }
 
 // Sp (K/2, C2, 2) uint16, C2 = Er + 3E: column c < Er is A row c, columns Er + p * E + e
 // (p = 0, 1, 2) the hi / mid / lo bf16 parts of v_e. K even.
@@ -602,27 +611,17 @@ MOGU_CPU_CLONES void pack_shrink_bf16(const bf16* A, const float* v, int64_t ER,
     uint16_t* lo = Sp + (ER + 2 * E + e) * 2;
     int64_t k = 0;
     for (; k + L <= K; k += L) {
-      const vfloat x0 = load_vec<float>(ve + k);
-      const vu16x16 h = to_bf16_bits(x0);
-      const vfloat r1 = x0 - load_vec<float>(reinterpret_cast<const bf16*>(&h));
-      const vu16x16 m = to_bf16_bits(r1);
-      const vfloat r2 = r1 - load_vec<float>(reinterpret_cast<const bf16*>(&m));
-      const vu16x16 l = to_bf16_bits(r2);
+      const Bf16Split16 p = split3_bf16(load_vec<float>(ve + k));
       for (int64_t i = 0; i < L; ++i) {
         const int64_t at = ((k + i) / 2) * C2 * 2 + ((k + i) & 1);
-        hi[at] = h[i];
-        mid[at] = m[i];
-        lo[at] = l[i];
+        hi[at] = p.hi[i];
+        mid[at] = p.mid[i];
+        lo[at] = p.lo[i];
       }
     }
     for (; k < K; ++k) {
       const int64_t at = (k / 2) * C2 * 2 + (k & 1);
-      const uint16_t h = bf16_bits(ve[k]);
-      const float r1 = ve[k] - bf16_value(h);
-      const uint16_t m = bf16_bits(r1);
-      hi[at] = h;
-      mid[at] = m;
-      lo[at] = bf16_bits(r1 - bf16_value(m));
+      split3_bf16(ve[k], hi[at], mid[at], lo[at]);
     }
   }
 }

@@ -412,16 +412,19 @@ def split_k_count(N: int, K: int) -> int:
     return split
 
 
-def _choose_path(M: int, N: int, K: int, path: str) -> str:
-    """"auto" -> "splitk" (M <= SPLITK_MAX_M and split_k_count(N, K) >= 2), else "fused"
-    (M <= FUSED_MAX_M), else "split"; a named path is returned as is."""
+def _choose_path(M: int, N: int, K: int, path: str) -> Tuple[str, int]:
+    """(path, split count): "auto" -> "splitk" (M <= SPLITK_MAX_M and split_k_count(N, K)
+    >= 2), else "fused" (M <= FUSED_MAX_M), else "split"; a named path is kept. The split
+    count (1 unless the path is "splitk") is computed at most once per call."""
     if path not in PATHS:
         raise ValueError(f"mogu_linear[triton]: path must be one of {PATHS}, got {path!r}")
     if path == "auto":
-        if M <= SPLITK_MAX_M and split_k_count(N, K) >= 2:
-            return "splitk"
-        return "fused" if M <= FUSED_MAX_M else "split"
-    return path
+        if M <= SPLITK_MAX_M:
+            split = split_k_count(N, K)
+            if split >= 2:
+                return "splitk", split
+        return ("fused" if M <= FUSED_MAX_M else "split"), 1
+    return path, (split_k_count(N, K) if path == "splitk" else 1)
 
 
 def _check_runnable(x: torch.Tensor) -> None:
@@ -445,9 +448,9 @@ def _forward_impl(x, weight, bias, lora_A, lora_B, router_weight, router_bias, s
         return y, gates, saved
     _check_runnable(x)
     base_u8 = None if base_rows is None else base_rows.reshape(-1).view(torch.uint8)
-    chosen = _choose_path(M, N, K, path)
+    chosen, split = _choose_path(M, N, K, path)
     if chosen == "splitk":
-        launch = functools.partial(_launch_splitk, split_k=split_k_count(N, K))
+        launch = functools.partial(_launch_splitk, split_k=split)
     else:
         launch = _launch_fused if chosen == "fused" else _launch_split
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():

@@ -354,6 +354,19 @@ def test_bf16_paths_of_other_cpus(path):
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-500:]
+    # The cap took effect: the same bf16 call rounds differently on the capped path than on
+    # this process's default one (other accumulation orders), so the tests above ran on it.
+    probe = ("import torch, mogu_kernels; g = torch.Generator().manual_seed(0)\n"
+             "r = lambda *s: torch.randn(*s, generator=g)\n"
+             "y, _ = mogu_kernels.mogu_linear(r(64, 2048).bfloat16(), r(2048, 2048).bfloat16(), None,"
+             " r(2, 8, 2048).bfloat16(), r(2, 2048, 8).bfloat16(), r(2, 2048), r(2), 2.0)\n"
+             "print(y.float().double().sum().item(), y.view(torch.int16).long().sum().item())")
+    here = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT,
+                          env={k: v for k, v in env.items() if k != "MOGU_CPU_BF16_PATH"}, timeout=300)
+    there = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env,
+                           timeout=300)
+    assert here.returncode == 0 and there.returncode == 0, here.stderr[-2000:] + there.stderr[-2000:]
+    assert here.stdout != there.stdout, f"MOGU_CPU_BF16_PATH={path} did not change the bf16 path"
 
 
 @needs_ext

@@ -182,11 +182,16 @@ def test_splitk_heuristic(monkeypatch):
     nominal SM count and K has room for two 256-column slices; the count is the smallest
     power of two reaching that many programs (capped); the env var overrides the count."""
     tb = triton_backend
-    choose, count = tb._choose_path, tb.split_k_count
+    count = tb.split_k_count
+
+    def choose(*args):
+        return tb._choose_path(*args)[0]
+
     target = 2 * tb.NOMINAL_SMS
     for M in (1, 4, 16):
         assert choose(M, 4096, 4096, "auto") == "splitk"
     assert count(4096, 4096) == 4                              # 64 N tiles x 4 = 256 programs
+    assert tb._choose_path(1, 4096, 4096, "auto") == ("splitk", 4) and tb._choose_path(17, 4096, 4096, "auto")[1] == 1
     assert choose(17, 4096, 4096, "auto") == "fused" and choose(tb.FUSED_MAX_M, 4096, 4096, "auto") == "fused"
     assert choose(tb.FUSED_MAX_M + 1, 4096, 4096, "auto") == "split" and choose(4096, 4096, 4096, "auto") == "split"
     wide = target * tb.SPLITK_BLOCK_N                          # the N-grid alone reaches the target
