@@ -339,13 +339,12 @@ def main(argv=None) -> int:
                    help="comma-separated model dtypes, e.g. float32,bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-              "float16": torch.float16, "fp16": torch.float16}
-    try:
-        dtype_list = [None] if args.dtypes is None else [dtypes[d.strip()] for d in args.dtypes.split(",")]
+    try:              # dtype names as mogu.load_for_inference reads them ("float32", "bf16", ...)
+        dtype_list = [None] if args.dtypes is None else [
+            mogu.generation.resolve_dtype(d.strip(), torch.device(args.device)) for d in args.dtypes.split(",")]
         thread_list = [None] if args.threads is None else [int(t) for t in args.threads.split(",")]
-    except (KeyError, ValueError) as exc:
-        p.error(f"--dtypes takes {sorted(dtypes)}, --threads positive integers ({exc})")
+    except ValueError as exc:
+        p.error(f"--dtypes takes float32/bfloat16/float16 (or fp32/bf16/fp16), --threads positive integers ({exc})")
     if any(t is not None and t < 1 for t in thread_list):
         p.error("--threads must be positive")
     all_rows = []

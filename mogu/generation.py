@@ -508,7 +508,9 @@ register_patch_hooks(install_generate, uninstall_generate)     # patch_model / u
 
 
 # ------------------------------------------------------------------ loading
-def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """A torch dtype from a dtype or a name ("float32"/"fp32", "bfloat16"/"bf16", "float16"/"fp16"; "auto"
+    or None: bf16 on CUDA, fp32 elsewhere); ValueError naming the accepted names otherwise."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
@@ -653,7 +655,7 @@ def load_for_inference(model_path, mogu_path=None, gguf_file: Optional[str] = No
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    torch_dtype = _resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device)
     model_path, gguf_file = resolve_model_path(model_path, gguf_file)
     check_hub_model(model_path, gguf_file)
     if mogu_path is not None and not os.path.exists(os.fspath(mogu_path)):      # before the model loads
