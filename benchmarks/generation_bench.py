@@ -5,8 +5,8 @@ Rows (one dict each, see :func:`run_generation_rows`):
 * ``base``: plain Hugging Face ``generate`` of the base model (the patched model in mode
   "base", whose layers run the wrapped module's own forward: the unpatched computation).
 * ``mogu_exact``: ``mogu.generate(protocol="exact")``, one copy of the weights, KV cached
-  (MoGU and base rows batched for the first ``mogu_tokens`` tokens), routers folded (the
-  deployment state).
+  (MoGU for the first ``mogu_tokens`` tokens, then the base model's prefill of prompt +
+  those tokens), routers folded (the deployment state).
 * ``published``: the published procedure: ``mogu_tokens`` greedy MoGU steps WITHOUT a cache
   (each re-encodes the whole prefix), then a second, deep-copied base model re-encodes
   prompt + those tokens and continues with ``generate``. Made a little cheaper than the

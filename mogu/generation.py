@@ -6,20 +6,15 @@ its own view of the whole prefix. The published code re-encodes the prefix at ev
 step and keeps two copies of the weights. :func:`generate` gives the same tokens with one
 copy and KV caching:
 
-* ``protocol="exact"`` (default): every prompt row runs as two rows of one batch,
-  interleaved ``[row0 MoGU, row0 base, row1 MoGU, row1 base, ...]``. Each patched layer gets
-  ``base_rows`` = the odd rows, so the base rows compute the plain base projection inside
-  the same fused op call while the MoGU rows are gated. For new tokens ``0 .. m-1`` the
-  token is chosen from the MoGU rows' logits and appended to both rows, so the base rows
-  build the base model's own KV cache of the prompt and of those tokens. After ``m``
-  tokens the MoGU rows are dropped from the batch and the cache, the layers switch to
-  mode "base" (bitwise the unpatched layer) and decoding continues as plain base
-  generation. With the default DynamicCache the prompt is prefilled per row group: the
-  MoGU rows first (the first token is out as soon as in plain generation), the base rows
-  (mode "base") right after it, then the two caches are interleaved; so the prefill
-  activations peak like one plain prefill. Cost: a second prefill, ``m - 1`` decode
-  steps at 2x the rows and the MoGU rows' KV cache while they live; the rest is exactly
-  base generation.
+* ``protocol="exact"`` (default): the MoGU model prefills the prompt and decodes new
+  tokens ``0 .. m-1`` with its KV cache; then the layers switch to mode "base" (bitwise
+  the unpatched layer), the MoGU keys/values are dropped (``Cache.reset``) and the base
+  model prefills prompt + those m tokens in one forward, exactly as the published code's
+  second ``generate`` call does, and decoding continues as plain base generation. Cost
+  over plain generation: a second prefill (the base model's, L + m tokens), and the m
+  MoGU-mode forwards cost a little more than plain ones; memory: one KV cache at a time
+  and the activation peak of one prefill. The first token
+  comes as fast as in plain generation; token m + 1 waits for the base prefill.
 * ``protocol="cached"``: one row per prompt; MoGU for the first ``m`` tokens, then the
   layers switch to "base" but keep the cache the MoGU steps built (cheapest, not exact:
   the base model attends to MoGU keys/values of the prefix).
@@ -90,65 +85,32 @@ def _check_inputs(model: nn.Module, input_ids, attention_mask, mogu_tokens, prot
 
 
 class _LayerState:
-    """Save and restore the per-generation state of every patched layer."""
+    """Save and restore the per-generation state (mode, gate sink) of every patched layer."""
 
     def __init__(self, layers: List[MoGULinear]):
         self.layers = layers
-        self.saved = [(layer.mode, layer.base_rows, layer.gate_sink) for layer in layers]
-        self.hooks = []
+        self.saved = [(layer.mode, layer.gate_sink) for layer in layers]
 
     def set_mode(self, name: str) -> None:
         for layer in self.layers:
             layer.mode = name
 
     def restore(self) -> None:
-        for handle in self.hooks:
-            handle.remove()
-        self.hooks = []
-        for layer, (mode, base_rows, sink) in zip(self.layers, self.saved):
-            layer.mode, layer.base_rows, layer.gate_sink = mode, base_rows, sink
-
-
-class _BaseRowsHook:
-    """Forward pre-hook: set ``base_rows`` to the odd rows of whatever the layer receives.
-
-    The layer input is (2B, T, K) (or any (2B, ..., K)); rows 1, 3, 5, ... are the base
-    copies of the prompts. Masks are cached per shape (prefill, then decode steps).
-    """
-
-    def __init__(self, rows: int):
-        self.rows = rows
-        self._masks: Dict[Tuple, torch.Tensor] = {}
-
-    def mask(self, shape: Tuple[int, ...], device: torch.device) -> torch.Tensor:
-        key = (shape, device)
-        if key not in self._masks:
-            odd = torch.arange(shape[0], device=device) % 2 == 1
-            self._masks[key] = odd.view(-1, *([1] * (len(shape) - 1))).expand(shape).contiguous()
-        return self._masks[key]
-
-    def __call__(self, module: MoGULinear, args) -> None:
-        x = args[0]
-        if x.dim() < 2 or x.shape[0] != self.rows:
-            raise RuntimeError(f"mogu.generate (exact protocol): a patched layer received input of shape "
-                               f"{tuple(x.shape)}, expected ({self.rows}, ..., K) with the batch first; this "
-                               f"model's projection input layout is not supported by the exact protocol "
-                               f"(use protocol='cached' or 'always')")
-        module.base_rows = self.mask(tuple(x.shape[:-1]), x.device)
+        for layer, (mode, sink) in zip(self.layers, self.saved):
+            layer.mode, layer.gate_sink = mode, sink
 
 
 class _GateRecorder:
     """Keeps, for each MoGU-phase step, the gates at the position that chose the new token.
 
     Each patched layer's ``gate_sink`` is replaced by one that stores the last position's
-    gates of the MoGU rows (even rows when the batch is doubled) and forwards the MoGU
-    rows' gates of all positions to the sink the layer had before (e.g. ``capture_gates``).
+    gates and forwards the gates of all positions to the sink the layer had before (e.g.
+    ``capture_gates``).
     """
 
     def __init__(self, layers: List[MoGULinear], record: bool):
         self.layers = layers
         self.record = record
-        self.doubled = False
         self.current: List[Optional[torch.Tensor]] = [None] * len(layers)
         self.steps: List[torch.Tensor] = []
         for i, layer in enumerate(layers):
@@ -157,8 +119,6 @@ class _GateRecorder:
 
     def _sink(self, i: int, previous):
         def sink(gates: torch.Tensor) -> None:
-            if self.doubled:
-                gates = gates[0::2]
             if self.record:
                 last = gates[:, -1] if gates.dim() >= 3 else gates
                 self.current[i] = last.detach().float()
@@ -188,7 +148,7 @@ class _MoGUDecoding:
     HF prepares everything (generation config, special tokens, attention mask, position
     ids, cache, logits processors, stopping criteria) and calls this with the prepared
     ``input_ids`` (B, L) and model kwargs; it mirrors ``GenerationMixin._sample`` with the
-    protocol's mode switches and, for "exact", the doubled batch.
+    protocol's mode switch after ``m`` tokens and, for "exact", the base model's prefill.
     """
 
     def __init__(self, protocol: str, mogu_tokens: int, streamer=None, record_gates: bool = False):
@@ -216,84 +176,34 @@ class _MoGUDecoding:
                              "prompt without past key values")
         max_new = (generation_config.max_length - input_ids.shape[1]) if generation_config.max_length else None
         m = self.mogu_tokens if max_new is None else min(self.mogu_tokens, max(max_new, 0))
-        doubled = self.protocol == "exact" and m > 0
-        if doubled and cache is not None:
-            if not hf.is_dynamic_cache(cache):
-                raise ValueError(f"mogu.generate: the exact protocol needs a DynamicCache (it drops batch rows "
-                                 f"after the MoGU tokens), got {type(cache).__name__}; do not set "
-                                 f"cache_implementation, or use protocol='cached'")
+        if self.protocol == "exact" and m > 0 and cache is not None and not hf.is_dynamic_cache(cache):
+            raise ValueError(f"mogu.generate: the exact protocol needs a DynamicCache (it empties the cache for "
+                             f"the base model's prefill), got {type(cache).__name__}; do not set "
+                             f"cache_implementation, or use protocol='cached'")
 
         layers = list(patched_modules(model).values())
         state = _LayerState(layers)
         try:
-            # Phase 1 modes: MoGU (with the odd rows as base when doubled); with m = 0 every
-            # protocol but "always" is plain base generation from the start.
-            in_mogu_phase = m > 0 or self.protocol == "always"
-            state.set_mode("mogu" if in_mogu_phase else "base")
+            # MoGU phase first; with m = 0 every protocol but "always" is plain base
+            # generation from the start.
+            state.set_mode("mogu" if m > 0 or self.protocol == "always" else "base")
             recorder = _GateRecorder(layers, self.record_gates)
-            sequences, result = self._loop(model, input_ids, logits_processor, stopping_criteria,
-                                           generation_config, streamer, model_kwargs, m, doubled, state, recorder)
+            result = self._loop(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                                streamer, model_kwargs, m, state, recorder)
             self.gates = recorder.result(batch) if self.record_gates else None
             return result
         finally:
             state.restore()
 
     @staticmethod
-    def _double(model_kwargs: Dict, batch: int, state: _LayerState, recorder: _GateRecorder) -> Dict:
-        """Switch to the doubled batch: per-row kwargs repeated, base_rows hooks on."""
-        recorder.doubled = True
-        hook = _BaseRowsHook(2 * batch)
-        state.hooks = [layer.register_forward_pre_hook(hook) for layer in state.layers]
-        return hf.map_batch_kwargs(model_kwargs, batch, lambda t, d: t.repeat_interleave(2, dim=d))
-
-    def _prefill(self, model, input_ids, model_kwargs, doubled, state, recorder):
-        """Run the prompt. Returns (logits, model_kwargs, pending).
-
-        logits: (B, V) last-position logits of the rows that choose the first token.
-        Not doubled, or doubled without a plain DynamicCache (e.g. use_cache=False): one
-        forward of the whole (doubled) batch, pending None. Doubled with a plain
-        DynamicCache: only the MoGU rows are prefilled now, so the first token comes as
-        fast as in plain generation; ``pending(model_kwargs, merge)`` prefills the base
-        rows later (mode "base": bitwise the unpatched model), from the prompt kwargs, and
-        either interleaves them into the cache and doubles the batch (merge=True) or,
-        when the MoGU phase is already over (m = 1), makes them the whole cache. Prefilling
-        the two row groups one after the other also keeps the prefill activation peak at
-        that of one plain prefill.
-        """
-        batch = input_ids.shape[0]
-        cache = hf.find_cache(model_kwargs)
-        split = doubled and cache is not None and hf.has_only_dynamic_layers(cache)
-        if not split:
-            if doubled:
-                model_kwargs = self._double(model_kwargs, batch, state, recorder)
-                input_ids = input_ids.repeat_interleave(2, dim=0)
-            outputs = model(**hf.prefill_inputs(model, input_ids, model_kwargs), return_dict=True)
-            model_kwargs = hf.update_model_kwargs(model, outputs, model_kwargs)
-            logits = outputs.logits[:, -1, :]
-            return (logits[0::2] if doubled else logits), model_kwargs, None
-
-        prompt_kwargs = dict(model_kwargs)
-        mogu_out = model(**hf.prefill_inputs(model, input_ids, model_kwargs), return_dict=True)   # MoGU rows
-        logits = mogu_out.logits[:, -1, :]
-        model_kwargs = hf.keep_cache_object(hf.update_model_kwargs(model, mogu_out, model_kwargs), cache)
-
-        def pending(current_kwargs: Dict, merge: bool) -> Dict:
-            base_cache = hf.new_dynamic_cache(model)
-            base_kwargs = {k: (base_cache if v is cache else v) for k, v in prompt_kwargs.items()}
-            previous_modes = [layer.mode for layer in state.layers]
-            state.set_mode("base")
-            model(**hf.prefill_inputs(model, input_ids, base_kwargs), return_dict=True)   # base rows -> base_cache
-            for layer, mode in zip(state.layers, previous_modes):
-                layer.mode = mode
-            # merge: interleave [row0 MoGU, row0 base, row1 MoGU, ...]; else the MoGU rows
-            # are done and the base rows' cache is the cache.
-            hf.merge_prefill_caches(cache, base_cache, interleave=merge)
-            return self._double(current_kwargs, batch, state, recorder) if merge else current_kwargs
-
-        return logits, model_kwargs, pending
+    def _forward(model, model_inputs: Dict, model_kwargs: Dict) -> Tuple[torch.Tensor, Dict]:
+        """One forward; returns ((B, V) last-position logits, the model kwargs for the next step)."""
+        outputs = model(**model_inputs, return_dict=True)
+        model_kwargs = hf.update_model_kwargs(model, outputs, model_kwargs)
+        return outputs.logits[:, -1, :], model_kwargs
 
     def _loop(self, model, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
-              model_kwargs, m, doubled, state, recorder):
+              model_kwargs, m, state, recorder):
         batch = input_ids.shape[0]
         pad = hf.pad_token_tensor(generation_config, input_ids.device)
         has_eos_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
@@ -303,16 +213,14 @@ class _MoGUDecoding:
 
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        sequences = input_ids                                        # (B, L): what processors and criteria see
+        sequences = input_ids                                        # (B, L + generated)
         unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
         mogu_phase = m > 0 or self.protocol == "always"
         generated = 0
 
-        logits, model_kwargs, pending = self._prefill(model, input_ids, model_kwargs, doubled, state, recorder)
-        doubled = doubled and pending is None                        # is the model's batch doubled now?
-        run_ids = input_ids.repeat_interleave(2, dim=0) if doubled else input_ids   # what the model sees
+        logits, model_kwargs = self._forward(model, hf.prefill_inputs(model, input_ids, model_kwargs), model_kwargs)
         while True:
-            # logits: (B, V) last-position logits of the rows that choose (the MoGU rows when doubled)
+            # logits: (B, V) last-position logits of the forward that chooses this token
             logits = logits.to(copy=True, dtype=torch.float32, device=input_ids.device)
             next_scores = logits_processor(sequences, logits)
             if scores is not None:
@@ -329,54 +237,32 @@ class _MoGUDecoding:
             if mogu_phase:
                 recorder.end_step()
             sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
-            if doubled:
-                run_ids = torch.cat([run_ids, next_tokens.repeat_interleave(2)[:, None]], dim=-1)
-            else:
-                run_ids = sequences
             unfinished = unfinished & ~stopping_criteria(sequences, scores)
             if streamer is not None:
                 streamer.put(next_tokens.cpu())
             generated += 1
             if unfinished.max() == 0:
                 break
-            switching = generated == m and self.protocol != "always"
-            if pending is not None:                                  # base rows of the exact protocol
-                model_kwargs = pending(model_kwargs, merge=not switching)
-                pending = None
-                if not switching:
-                    doubled = True
-                    run_ids = sequences.repeat_interleave(2, dim=0)
-            if switching:
+            cache = hf.find_cache(model_kwargs)
+            if generated == m and self.protocol != "always":
                 mogu_phase = False
-                if doubled:
-                    # Keep the base rows: their cache is the base model's own view of the prefix.
-                    keep = torch.arange(1, 2 * batch, 2, device=input_ids.device)
-                    cache = hf.find_cache(model_kwargs)
-                    if cache is not None:
-                        hf.select_cache_rows(cache, keep)
-                    model_kwargs = hf.map_batch_kwargs(model_kwargs, 2 * batch,
-                                                       lambda t, d: t.index_select(d, keep.to(t.device)))
-                    for handle in state.hooks:
-                        handle.remove()
-                    state.hooks = []
-                    for layer in state.layers:
-                        layer.base_rows = None
-                    doubled = False
-                    recorder.doubled = False
-                    run_ids = sequences
                 state.set_mode("base")
-            outputs = model(**hf.decode_inputs(model, run_ids, model_kwargs), return_dict=True)
-            model_kwargs = hf.update_model_kwargs(model, outputs, model_kwargs)
-            logits = outputs.logits[:, -1, :]
-            if doubled:
-                logits = logits[0::2]                                  # the MoGU rows choose
-            del outputs
+                if self.protocol == "exact" and cache is not None:
+                    # The base model's own view of prompt + the m MoGU tokens: drop the MoGU
+                    # keys/values first (one cache alive at a time), then one prefill.
+                    hf.empty_cache(cache, model)
+                    logits, model_kwargs = self._forward(model, hf.prefill_inputs(model, sequences, model_kwargs),
+                                                         model_kwargs)
+                    continue
+            # Without a cache every forward re-encodes the whole sequence, in the current mode.
+            logits, model_kwargs = self._forward(model, hf.decode_inputs(model, sequences, model_kwargs),
+                                                 model_kwargs)
 
         if streamer is not None:
             streamer.end()
         if not want_dict:
-            return sequences, sequences
-        return sequences, hf.decoder_only_output(sequences, scores, raw_logits, hf.find_cache(model_kwargs))
+            return sequences
+        return hf.decoder_only_output(sequences, scores, raw_logits, hf.find_cache(model_kwargs))
 
 
 # ------------------------------------------------------------------ public
@@ -418,7 +304,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor = None, attention_mask: O
 
     Under greedy decoding, protocol="exact" returns the tokens of the published procedure
     (m MoGU steps re-encoding the prefix, then the base model continuing from prompt +
-    those tokens); "exact" keeps the MoGU rows only for the first m tokens.
+    those tokens).
     """
     if input_ids is None:
         input_ids = generation_kwargs.pop("inputs", None)

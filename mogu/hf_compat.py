@@ -137,14 +137,6 @@ def find_cache(model_kwargs: Dict[str, Any]):
     return None
 
 
-def keep_cache_object(model_kwargs: Dict[str, Any], cache) -> Dict[str, Any]:
-    """Point the cache entry of ``model_kwargs`` (whichever name is present) at ``cache``."""
-    for key in CACHE_KEYS:
-        if key in model_kwargs:
-            model_kwargs[key] = cache
-    return model_kwargs
-
-
 def output_cache(output):
     """The KV cache held by a ``GenerateDecoderOnlyOutput`` or a model output (either field name)."""
     for key in CACHE_KEYS:
@@ -152,25 +144,6 @@ def output_cache(output):
         if value is not None:
             return value
     return None
-
-
-def map_batch_kwargs(model_kwargs: Dict[str, Any], batch: int, fn: Callable[[torch.Tensor, int], torch.Tensor]
-                     ) -> Dict[str, Any]:
-    """Apply ``fn(tensor, dim)`` to every per-row tensor of the HF model kwargs; a new dict.
-
-    Per-row tensors are those with ``batch`` rows on their batch dim: dim 0, or dim 1 for
-    3-D position ids (multimodal rope). Relies on HF's layout of generation kwargs, the
-    same rule as ``GenerationMixin._expand_inputs_for_generation``; the cache object is not
-    a tensor and is left alone (see :func:`select_cache_rows`).
-    """
-    out = dict(model_kwargs)
-    for key, value in model_kwargs.items():
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            continue
-        dim = 1 if key.endswith("position_ids") and value.dim() == 3 else 0
-        if value.shape[dim] == batch:
-            out[key] = fn(value, dim)
-    return out
 
 
 def pad_token_tensor(generation_config, device: torch.device) -> Optional[torch.Tensor]:
@@ -216,45 +189,25 @@ def is_dynamic_cache(cache) -> bool:
     return isinstance(cache, DynamicCache)
 
 
-def has_only_dynamic_layers(cache) -> bool:
-    """Whether every layer of ``cache`` is a plain ``cache_utils.DynamicLayer`` (no sliding
-    window, quantized or offloaded layers), so that its ``keys``/``values`` tensors
-    (B, heads, T, d) may be rewritten by :func:`merge_prefill_caches`."""
-    from transformers.cache_utils import DynamicLayer
-    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
-
-
 def new_dynamic_cache(model: nn.Module):
     """An empty ``DynamicCache`` laid out for ``model``'s decoder (its text config)."""
     from transformers import DynamicCache
     return DynamicCache(config=model.config.get_text_config(decoder=True))
 
 
-def merge_prefill_caches(cache, base_cache, interleave: bool) -> None:
-    """Merge the base rows' prefill cache into the MoGU rows' cache, in place.
+def empty_cache(cache, model: nn.Module) -> None:
+    """Drop every key/value of the DynamicCache ``cache`` in place, freeing their memory.
 
-    cache, base_cache: two caches of the same depth whose layers are plain DynamicLayers
-    (:func:`has_only_dynamic_layers`), B rows each. interleave=True: ``cache`` becomes the
-    2B rows [row0 MoGU, row0 base, row1 MoGU, ...]; False: ``cache`` takes the base rows'
-    keys/values alone. ``base_cache`` is emptied. Relies on ``DynamicCache.layers`` and
-    writes to the layers' ``keys``/``values`` attributes directly (no public API merges
-    caches along the batch).
+    The object stays the one the caller (or HF ``generate``) holds; its layers are
+    replaced by the empty layers of a new cache built for ``model``
+    (:func:`new_dynamic_cache`). Writes ``Cache.layers`` directly: ``Cache.reset()`` zeroes
+    the tensors without dropping them in 5.17, and ``crop(0)`` keeps their storage alive.
     """
-    if len(cache.layers) != len(base_cache.layers):
-        raise RuntimeError("mogu.generate: MoGU and base prefill produced caches of different depth")
-    for mogu_layer, base_layer in zip(cache.layers, base_cache.layers):
-        if interleave:
-            mogu_layer.keys = torch.stack([mogu_layer.keys, base_layer.keys], dim=1).flatten(0, 1)
-            mogu_layer.values = torch.stack([mogu_layer.values, base_layer.values], dim=1).flatten(0, 1)
-        else:
-            mogu_layer.keys, mogu_layer.values = base_layer.keys, base_layer.values
-        base_layer.keys = base_layer.values = None
-
-
-def select_cache_rows(cache, indices: torch.Tensor) -> None:
-    """Keep only the batch rows ``indices`` (1-D long) of ``cache``, in place
-    (``Cache.batch_select_indices``, which contrastive search uses; not documented API)."""
-    cache.batch_select_indices(indices)
+    _gate()
+    cache.layers[:] = new_dynamic_cache(model).layers
+    if cache.get_seq_length() != 0:
+        raise RuntimeError(f"mogu.generate: could not empty the {type(cache).__name__} for the base prefill; "
+                           f"update mogu/hf_compat.py for this transformers release")
 
 
 def decoder_only_output(sequences: torch.Tensor, scores, logits, cache):

@@ -91,7 +91,7 @@ class MoGULinear(nn.Module):
     router_offset: the usability/safety dial d (float): the router logits become
         [unwill - d, glad + d] before the sigmoid (``MoGUConfig.router_offset``).
     base_rows: None or a bool tensor shaped x.shape[:-1]; True rows run as plain base
-        inside the same fused call (used by generation to batch MoGU and base rows).
+        inside the same fused call (for callers that batch MoGU and base rows together).
     gate_sink: None or a callable(gates (..., 2)) receiving every forward's gates
         (used by ``mogu.capture_gates``).
     """

@@ -104,8 +104,9 @@ def test_exact_matches_published_procedure(fam):
 
 
 def test_exact_without_cache_or_with_a_bare_cache(fam):
-    """The other prefill paths: no cache (one doubled forward per step, base rows through
-    ``base_rows`` at every position) and a user-made DynamicCache; same tokens."""
+    """The other cache paths: no cache (every forward re-encodes the whole sequence, in
+    mode "mogu" then "base") and a user-made DynamicCache, emptied and refilled by the
+    base prefill in place; same tokens."""
     from transformers import DynamicCache
 
     for seed, length in ((7, 3), (8, 10)):
@@ -115,6 +116,8 @@ def test_exact_without_cache_or_with_a_bare_cache(fam):
         assert mogu.generate(fam.model, ids, use_cache=False, **kw).tolist() == cached.tolist()
         user_cache = {hf_compat.cache_kwarg(): DynamicCache()}     # 'cache' or 'past_key_values' by release
         assert mogu.generate(fam.model, ids, **user_cache, **kw).tolist() == cached.tolist()
+        # the user's object holds the base model's cache of the whole sequence but its last token
+        assert next(iter(user_cache.values())).get_seq_length() == length + 8 - 1
         assert cached.tolist() == published_procedure(fam, ids, 4, 8).tolist()
 
 

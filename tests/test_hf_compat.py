@@ -91,33 +91,21 @@ def _filled_cache(rows, seed):
     return cache
 
 
-def test_merge_and_select_cache_rows():
-    mogu_cache, base_cache = _filled_cache(3, 0), _filled_cache(3, 1)
-    assert hf_compat.is_dynamic_cache(mogu_cache) and hf_compat.has_only_dynamic_layers(mogu_cache)
-    want = [(m.keys.clone(), b.keys.clone(), m.values.clone(), b.values.clone())
-            for m, b in zip(mogu_cache.layers, base_cache.layers)]
-    hf_compat.merge_prefill_caches(mogu_cache, base_cache, interleave=True)
-    for layer, (mk, bk, mv, bv) in zip(mogu_cache.layers, want):
-        assert layer.keys.shape[0] == 6
-        assert torch.equal(layer.keys[0::2], mk) and torch.equal(layer.keys[1::2], bk)     # [m0, b0, m1, b1, ...]
-        assert torch.equal(layer.values[0::2], mv) and torch.equal(layer.values[1::2], bv)
-    hf_compat.select_cache_rows(mogu_cache, torch.tensor([1, 3, 5]))                         # the base rows
-    for layer, (_, bk, _, bv) in zip(mogu_cache.layers, want):
-        assert torch.equal(layer.keys, bk) and torch.equal(layer.values, bv)
+def test_empty_cache_frees_keys_in_place_and_the_cache_refills():
+    """What the exact protocol does at the switch to the base model: the same cache object,
+    emptied (its old key tensors no longer referenced), then filled by a prefill again."""
+    import weakref
 
-    mogu_cache, base_cache = _filled_cache(2, 2), _filled_cache(2, 3)
-    base_keys = [layer.keys.clone() for layer in base_cache.layers]
-    hf_compat.merge_prefill_caches(mogu_cache, base_cache, interleave=False)
-    assert all(torch.equal(layer.keys, k) for layer, k in zip(mogu_cache.layers, base_keys))
-    assert all(layer.keys is None for layer in base_cache.layers)
-
-
-def test_map_batch_kwargs_maps_per_row_tensors_only():
-    kwargs = {"attention_mask": torch.ones(2, 5), "position_ids": torch.zeros(3, 2, 5), "use_cache": True,
-              "other": torch.ones(4), "scalar": torch.tensor(1.0)}
-    out = hf_compat.map_batch_kwargs(kwargs, 2, lambda t, d: t.repeat_interleave(2, dim=d))
-    assert out["attention_mask"].shape == (4, 5) and out["position_ids"].shape == (3, 4, 5)
-    assert out["other"] is kwargs["other"] and out["scalar"] is kwargs["scalar"] and out["use_cache"] is True
+    model = tiny_llama()
+    cache = _filled_cache(3, 0)
+    assert hf_compat.is_dynamic_cache(cache) and cache.get_seq_length() == 3
+    old_keys = weakref.ref(cache.layers[0].keys)
+    hf_compat.empty_cache(cache, model)
+    assert cache.get_seq_length() == 0 and old_keys() is None
+    ids = torch.randint(3, 50, (2, 6))
+    with torch.no_grad():
+        model(ids, **{hf_compat.cache_kwarg(): cache}, use_cache=True)
+    assert cache.get_seq_length() == 6 and len(cache.layers) == model.config.num_hidden_layers
 
 
 def test_checkpointing_on_and_off_leaves_no_input_grad_hook():
