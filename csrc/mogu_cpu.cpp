@@ -16,7 +16,7 @@
 // (a) and (c) are parallel (at::parallel_for) over units small enough that decode splits too:
 // (8-row group, chunk of S rows) and (row block, column chunk); a call is split only where a
 // task gets at least kMinWorkPerTask multiply-adds. No tensor is allocated besides the
-// outputs and the (M, E) logits; the tasks' scratch is per thread and reused across calls.
+// outputs; the (M, E) logits and the tasks' scratch are per thread and reused across calls.
 // bf16 x with even K on a CPU with oneDNN's bf16 brgemm (AMX, AVX512-BF16) takes the plan of
 // forward_bf16_brgemm below instead: the same three steps with the two small products on the
 // matrix unit (or the AVX512-BF16 dot-product instruction), the router logits still fp32.
@@ -87,6 +87,15 @@ T* scratch(size_t n) {
   thread_local std::vector<T> buf;
   if (buf.size() < n) buf.resize(n);
   return buf.data();
+}
+
+// The (M, E) router logits of one call: written in step (a), read in step (c) by any thread.
+// The calling thread's scratch (taken before the parallel regions, which never use this
+// slot), so the call makes no allocation beyond its three outputs: at decode shapes an
+// at::empty costs a tenth of the whole call.
+template <typename acc_t>
+acc_t* logits_scratch(int64_t M, int64_t E) {
+  return scratch<acc_t, 9>(static_cast<size_t>(M * E));
 }
 
 // Fixed-width vectors (GCC/Clang vector extensions): one 512-bit register in the AVX-512
@@ -727,7 +736,7 @@ void forward_bf16_brgemm(ForwardCall& f, const Tensor& weight, double scaling) {
   bf16* y_ptr = f.y.mutable_data_ptr<bf16>();
   bf16* gates_ptr = f.gates.mutable_data_ptr<bf16>();
   float* saved_ptr = f.saved.mutable_data_ptr<float>();
-  float* logits_ptr = f.logits.mutable_data_ptr<float>();
+  float* logits_ptr = logits_scratch<float>(M, E);
   const float s = static_cast<float>(scaling);
 
   // (a') shrink and router logits.
@@ -858,7 +867,7 @@ std::tuple<Tensor, Tensor, Tensor> mogu_linear_cpu(
       scalar_t* y_ptr = f.y.mutable_data_ptr<scalar_t>();
       scalar_t* gates_ptr = f.gates.mutable_data_ptr<scalar_t>();
       acc_t* saved_ptr = f.saved.mutable_data_ptr<acc_t>();
-      acc_t* logits_ptr = f.logits.mutable_data_ptr<acc_t>();
+      acc_t* logits_ptr = logits_scratch<acc_t>(M, E);
       const acc_t s = static_cast<acc_t>(scaling);
 
       // (a), parallel over (row group, stacked-row chunk) units. Tasks hold whole

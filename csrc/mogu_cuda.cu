@@ -198,15 +198,18 @@ void launch_kernels(const ForwardCall& f, double scaling, cudaStream_t stream) {
   const int E = static_cast<int>(d.E), R = static_cast<int>(d.R);
   const unsigned row_blocks = static_cast<unsigned>((d.M + ROWS - 1) / ROWS);
   const dim3 shrink_grid(row_blocks, static_cast<unsigned>((d.ER + d.E + kChunk - 1) / kChunk));
+  // (M, E) router logits, from the shrink kernel to the expand kernel (the caching allocator
+  // makes this allocation cheap on CUDA; the CPU kernel uses a per-thread scratch instead).
+  Tensor logits = at::empty({d.M, d.E}, f.saved.options());
   shrink_router_kernel<scalar_t, acc_t, ROWS><<<shrink_grid, kThreads, 0, stream>>>(
       f.x2.const_data_ptr<scalar_t>(), f.x2.stride(0), d.M, d.K, f.A.const_data_ptr<scalar_t>(),
-      f.v.const_data_ptr<acc_t>(), E, R, f.saved.mutable_data_ptr<acc_t>(), f.logits.mutable_data_ptr<acc_t>());
+      f.v.const_data_ptr<acc_t>(), E, R, f.saved.mutable_data_ptr<acc_t>(), logits.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const dim3 expand_grid(row_blocks, static_cast<unsigned>((d.N + kThreads - 1) / kThreads));
   const size_t expand_smem = static_cast<size_t>(ROWS) * (d.ER + 1 + d.E) * sizeof(acc_t);
   gate_expand_kernel<scalar_t, acc_t, ROWS><<<expand_grid, kThreads, expand_smem, stream>>>(
       f.y.mutable_data_ptr<scalar_t>(), f.bias.defined() ? f.bias.const_data_ptr<scalar_t>() : nullptr,
-      f.B.const_data_ptr<scalar_t>(), f.logits.const_data_ptr<acc_t>(), f.c.const_data_ptr<acc_t>(),
+      f.B.const_data_ptr<scalar_t>(), logits.const_data_ptr<acc_t>(), f.c.const_data_ptr<acc_t>(),
       f.base_rows.defined() ? f.base_rows.const_data_ptr<bool>() : nullptr, f.saved.mutable_data_ptr<acc_t>(),
       f.gates.mutable_data_ptr<scalar_t>(), d.M, d.N, E, R, static_cast<acc_t>(scaling));
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -96,7 +96,6 @@ ForwardCall prepare_forward(const Tensor& x, const Tensor& weight, const std::op
   f.c = dense(router_bias, f.acc);
   if (bias.has_value()) f.bias = dense(*bias, dt);
   if (base_rows.has_value()) f.base_rows = dense(*base_rows, at::kBool);
-  f.logits = at::empty({d.M, d.E}, x.options().dtype(f.acc));
   return f;
 }
 

@@ -8,7 +8,7 @@
 //   return f.outputs();
 //
 // prepare_forward runs check_args (shapes, dtypes, devices: contract in mogu_ops.h) plus the
-// device-type check, allocates the three outputs and a logits scratch, and lays the operands
+// device-type check, allocates the three outputs, and lays the operands
 // out the way both kernels read them. MOGU_DISPATCH_FLOATING is the one dtype dispatch: the
 // dtypes check_args accepts, with scalar_t = x's element type and acc_t = the accumulation
 // type (at::opmath_type: fp32 for fp16/bf16/fp32, fp64 for fp64, i.e. acc_dtype).
@@ -44,7 +44,6 @@ struct ForwardCall {
   Tensor c;          // router_bias (E,) contiguous in acc
   Tensor bias;       // (N,) contiguous, or undefined
   Tensor base_rows;  // bool, contiguous, read as (M,), or undefined
-  Tensor logits;     // (M, E) acc scratch for the router logits
 
   std::vector<int64_t> lead;  // x.shape[:-1]
 

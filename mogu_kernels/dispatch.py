@@ -44,6 +44,12 @@ class Backend:
     # (``validation.check_mogu_linear_args``) only after ``fn`` raised, to give the
     # documented ValueError, instead of on every call.
     checks_args: bool = False
+    # Optional eager fast path (with checks_args): a callable taking fn's arguments
+    # positionally, base_rows included, that returns ``(y, gates)`` or NotImplemented when it
+    # cannot take this call (``fn`` is then called). ``mogu_linear`` uses it outside
+    # torch.compile only; it saves a Python frame per call (the C++ extension's
+    # ``_C.mogu_linear``).
+    fast: Optional[Callable] = None
 
 
 _REGISTRY: Dict[str, Backend] = {}

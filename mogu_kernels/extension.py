@@ -112,13 +112,14 @@ def cuda_unavailable_reason() -> Optional[str]:
 
 _CPU = torch.device("cpu")
 
+_FAST_ENTRY = _FAST if _C is not None else None
 register_backend(Backend(name="cpp", fn=extension_mogu_linear,
                          # device == _CPU first: it is a tenth of the cost of device.type, and this
                          # runs on every call (dispatch re-validates the cached choice).
                          supports_device=lambda device: device == _CPU or device.type == "cpu",
-                         unavailable_reason=cpp_unavailable_reason, checks_args=True))
+                         unavailable_reason=cpp_unavailable_reason, checks_args=True, fast=_FAST_ENTRY))
 register_backend(Backend(name="cuda", fn=extension_mogu_linear,
                          supports_device=lambda device: device.type == "cuda",
-                         unavailable_reason=cuda_unavailable_reason, checks_args=True))
+                         unavailable_reason=cuda_unavailable_reason, checks_args=True, fast=_FAST_ENTRY))
 
 __all__ = ["extension_mogu_linear", "cpp_unavailable_reason", "cuda_unavailable_reason", "LOAD_ERROR"]

@@ -2,10 +2,11 @@
 
 The fixed cost of a call matters (a decode step calls it once per patched layer, at shapes
 where the kernel itself takes microseconds), so the common path is one cached backend
-look-up and one op call: backends whose op checks its own arguments (``Backend.checks_args``:
-the C++ extension's ``cpp`` and ``cuda``, whose TORCH_CHECKs cover the contract) skip the
-Python checks, which then run only when the op raised, to turn a contract violation into
-the documented ``ValueError`` naming the argument. Other backends are checked first.
+look-up and one op call (``Backend.fast``, the C++ entry, where the backend has one):
+backends whose op checks its own arguments (``Backend.checks_args``: the C++ extension's
+``cpp`` and ``cuda``, whose TORCH_CHECKs cover the contract) skip the Python checks, which
+then run only when the op raised, to turn a contract violation into the documented
+``ValueError`` naming the argument. Other backends are checked first.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch
 
 from .dispatch import resolve_backend
 from .validation import check_mogu_linear_args
+
+_is_compiling = torch.compiler.is_compiling
 
 
 def mogu_linear(
@@ -48,7 +51,7 @@ def mogu_linear(
 
     base_rows: optional bool tensor shaped x.shape[:-1]. A True row is computed as the
     plain base layer, y = x @ weight.T + bias (its gates are still returned), so rows that
-    must run as base can share one call with MoGU rows (used by generation).
+    must run as base can share one call with MoGU rows (used by the vLLM plugin).
 
     backend: "reference", "triton", "cpp", "cuda" or None for the fastest available on
     x's device; the MOGU_BACKEND environment variable overrides None. Raises ValueError
@@ -60,6 +63,10 @@ def mogu_linear(
     impl = resolve_backend(x.device, backend)
     if impl.checks_args and scaling.__class__ is float:
         try:
+            if impl.fast is not None and not _is_compiling():
+                out = impl.fast(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows)
+                if out is not NotImplemented:
+                    return out
             return impl.fn(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows)
         except Exception:
             # A contract violation raises its documented ValueError here; any other failure

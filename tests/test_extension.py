@@ -147,6 +147,7 @@ def test_fast_entry_is_the_op_and_defers_what_it_does_not_handle():
     errors; NotImplemented (so torch.ops runs instead) for a non-float scaling, a tensor
     subclass or an active __torch_function__ mode."""
     fast = extension._C.mogu_linear
+    assert dispatch.registered_backends()["cpp"].fast is fast       # mogu_linear calls it directly
     x, w, b, A, B, rw, rb = make_args(5, 24, 20, 4, 2, seed=21)
     y, g = fast(x, w, b, A, B, rw, rb, 1.5, None)
     y2, g2, _ = torch.ops.mogu_C.mogu_linear(x, w, b, A, B, rw, rb, 1.5, None)
