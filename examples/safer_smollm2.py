@@ -13,6 +13,8 @@ overlap and no near-duplicates into train / validation / test; see ``mogu.evalua
    MoGU (``--layers all`` for every layer). Seed independent, done once.
 3. Per seed: ``mogu.train_expert`` twice on a seeded subset of the train pairs (stage 1),
    ``mogu.train_router`` on all train rows (stage 2; ``--joint`` trains the experts too).
+   ``--router-init probe`` starts the router heads from a per-layer linear probe fitted
+   on the same train rows (``mogu.init_routers_from_probe``) instead of random heads.
 4. Per seed: ``mogu.calibrate`` sweeps the router offset on *validation* prompts and
    keeps the safest point whose benign refusal rate is <= ``--target-benign-refusal``.
 5. Per seed: ``mogu.evaluate`` on the *test* split, once, at the calibrated point: plain
@@ -118,6 +120,10 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping in both stages")
     p.add_argument("--router-epochs", type=int, default=1)
     p.add_argument("--examples-per-step", type=int, default=8)
+    p.add_argument("--router-init", choices=("random", "probe"), default="random",
+                   help="stage-2 router heads: random (train_router's fresh heads) or probe (each layer's heads "
+                        "start at a logistic-regression probe of its last-prompt-token input, fitted on the "
+                        "router's train rows: mogu.init_routers_from_probe)")
     p.add_argument("--gate-tokens", choices=("all", "prompt"), default="all",
                    help="tokens the router's gate loss covers (mogu.train_router gate_tokens)")
     p.add_argument("--experts-from", default=None, metavar="RUN",
@@ -269,6 +275,12 @@ def main(argv=None) -> dict:
     files = data.files
     common = dict(batch_size=args.batch_size, max_length=args.max_length, save_steps=None, overwrite=True,
                   progress=progress, bf16=args.bf16, max_grad_norm=args.max_grad_norm)
+    router_rows = None
+    if args.router_init == "probe":
+        # exactly the rows train_router trains on (train split only): instruction + 0/1 label
+        from mogu.training.data import load_labelled
+        router_rows = [{"instruction": e.instruction, "label": e.label}
+                       for e in load_labelled(files["router_data"], files["router_labels"])]
     for seed in args.seeds:
         run = os.path.join(out, f"seed{seed}")
         torch.manual_seed(seed)
@@ -287,6 +299,19 @@ def main(argv=None) -> dict:
             print(f"seed {seed} {expert}: {res.global_step} steps, loss {res.losses[0]:.3f} -> {res.losses[-1]:.3f}",
                   flush=True)
             step(f"seed{seed}_train_{expert}")
+        probe_accuracy = None
+        if args.router_init == "probe":
+            # Patch as train_router would (same layers, default router width; it takes r and
+            # lora_alpha from the adapters and keeps an already patched model's router heads),
+            # then set the heads from the probe; train_router loads the experts into this model.
+            if mogu.is_patched(model):
+                mogu.unpatch(model)
+            mogu.patch_model(model, mogu.MoGUConfig(layers=layers))
+            probe_accuracy = mogu.init_routers_from_probe(model, tokenizer, router_rows,
+                                                          batch_size=args.gen_batch_size, progress=progress)
+            print(f"seed {seed} probe init: train accuracy {min(probe_accuracy.values()):.3f} .. "
+                  f"{max(probe_accuracy.values()):.3f} over {len(probe_accuracy)} layers", flush=True)
+            step(f"seed{seed}_probe_init")
         res = mogu.train_router(model, tokenizer, os.path.join(run, "glad"), os.path.join(run, "unwill"),
                                 files["router_data"], os.path.join(run, "router"), labels=files["router_labels"],
                                 lr=args.router_lr, epochs=args.router_epochs, examples_per_step=args.examples_per_step,
@@ -324,6 +349,8 @@ def main(argv=None) -> dict:
                           "calibration_curve": cal.curve,
                           "by_template": {k: v.get("mogu", {}).get("attack_success_rate")
                                           for k, v in (jb.summary.get("by_template") or {}).items()}}
+        if probe_accuracy is not None:
+            per_seed[seed]["probe_train_accuracy"] = probe_accuracy
         step(f"seed{seed}_evaluate")
 
     counts = {split: safety_data.counts(safety_data.load_split(split)) for split in safety_data.SPLITS}

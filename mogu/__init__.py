@@ -12,6 +12,7 @@
     mogu.evaluate(model, tok, ["prompts.json"], out=...)  # refusals, ASR, gates (mogu.evaluation.evaluator)
     mogu.calibrate(model, tok, ["val.jsonl"], out=..., mogu_dir=...)   # the usability/safety dial
     mogu.probe_layers(model, tok, train, heldout)          # MoGU v2 layer selection (mogu.evaluation.probing)
+    mogu.init_routers_from_probe(model, tok, train_rows)   # router heads started at a per-layer probe
 """
 # The core (config, layer, patching, checkpoint, prompting), then the layers above it
 # (docs/design.md section 7): generation, then training and evaluation.
@@ -25,6 +26,7 @@ from .generation import PROTOCOLS, generate, install_generate, load_for_inferenc
 from .training import train_expert, train_router
 from .evaluation import (apply_template, build_data, calibrate, evaluate, load_templates, probe_layers,
                          select_layers)
+from .evaluation.probing import init_routers_from_probe
 
 __all__ = [
     "MoGUConfig", "MoGULinear", "RouterHead", "EXPERTS", "FAMILY_TARGETS", "MODES",
@@ -34,5 +36,6 @@ __all__ = [
     "generate", "PROTOCOLS", "install_generate", "uninstall_generate", "load_for_inference",
     "format_prompt", "format_chat", "prompt_ids", "encode_prompt",
     "train_expert", "train_router", "build_data", "evaluate", "calibrate", "probe_layers", "select_layers",
+    "init_routers_from_probe",
     "load_templates", "apply_template",
 ]

@@ -362,3 +362,121 @@ def test_cli_calibrate_and_probe_fail_with_one_line_before_loading(tmp_path, cap
                  "--prompts", str(val), "--out", str(tmp_path / "c")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("mogu calibrate: error:") and "no-mogu" in err and "mogu_config.json" in err
+
+
+# ------------------------------------------------------ probe-initialised routers
+def _probe_model(layers=(0, 2), router_hidden=512, seed=0):
+    model = tiny_llama(layers=3, seed=seed)
+    torch.manual_seed(seed + 1)
+    return mogu.patch_model(model, mogu.MoGUConfig(layers=list(layers), router_hidden=router_hidden))
+
+
+@pytest.mark.parametrize("d, h", [(12, 1), (12, 5), (12, 12), (8, 20)])
+def test_router_head_set_from_a_probe_folds_to_it_exactly(d, h):
+    """h <= d (v in the span of an orthonormal Q) and h > d (W1 W0 = I_d): folded and
+    unfolded maps are exactly v . x + c."""
+    from tiny_models import rel_err
+    g = torch.Generator().manual_seed(100 * d + h)
+    v, c = torch.randn(d, generator=g, dtype=torch.float64) * 3, torch.randn((), generator=g, dtype=torch.float64)
+    head = mogu.RouterHead(d, h)
+    probing._set_router_head(head, v, c)
+    v_f, c_f = head.folded()
+    assert rel_err(v_f, v) < 1e-5 and rel_err(c_f, c) < 1e-5, (rel_err(v_f, v), float(c_f), float(c))
+    x = torch.randn(6, d, generator=g)
+    assert rel_err(head(x).squeeze(-1), x.double() @ v + c) < 1e-5
+    assert head.linear_0.weight.dtype == torch.float32 and head.linear_1.bias.abs().max() == 0
+
+
+@pytest.mark.parametrize("router_hidden", [8, 64])      # o_proj input width is 40: h < d and h > d
+def test_init_routers_from_probe_sets_both_heads_to_the_probe(tok, router_hidden):
+    rows = two_class_rows(24, seed=3)
+    model = _probe_model(router_hidden=router_hidden)
+    scale = 2.5
+    acc = mogu.init_routers_from_probe(model, tok, rows, scale=scale)
+    layers = mogu.patched_modules(model)
+    assert list(acc) == list(layers) and all(0.0 <= a <= 1.0 for a in acc.values())
+    # the same probe, recomputed from the documented recipe: last-token features, fit_probe
+    labelled = probing._rows(rows, "rows")
+    names, feats = probing.layer_features(model, tok, labelled)
+    K = feats.shape[-1] // 2
+    x = feats[[names.index(n) for n in layers]][:, :, K:]
+    y = torch.tensor([r["label"] == 1 for r in rows], dtype=torch.float64)
+    w, b = probing.fit_probe(x, y)
+    from tiny_models import rel_err
+    for l, layer in enumerate(layers.values()):
+        assert layer.alpha_.linear_0.weight.shape == (router_hidden, 40)
+        for head, sign in ((layer.alpha_, 1.0), (layer.beta_, -1.0)):          # unwill, glad
+            v, c = head.folded()
+            assert rel_err(v, sign * scale * w[l]) < 1e-5, rel_err(v, sign * scale * w[l])
+            assert rel_err(c, sign * scale * b[l]) < 1e-5
+        rw, rb = layer.router_vectors()                                      # the cached fold follows
+        assert rel_err(rw[0], scale * w[l]) < 1e-5 and rel_err(rb[1], -scale * b[l]) < 1e-5
+
+
+def test_probe_initialised_unwill_gate_tells_malicious_from_benign(tok):
+    """On a tiny Llama whose prompts' class is decided by their words, the unwill gate at the
+    last prompt token is > 0.5 on malicious and < 0.5 on benign training prompts right after
+    the init; nothing but the patched layers' router heads changes."""
+    rows = two_class_rows(32, seed=7)                           # labels 0/1, as in the router data
+    model = _probe_model(layers=(0, 2))
+    heads = ("alpha_", "beta_")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not any(h in n for h in heads)}
+    old_heads = {n: p.detach().clone() for n, p in model.named_parameters() if any(h in n for h in heads)}
+    acc = mogu.init_routers_from_probe(model, tok, rows)
+    assert set(acc) == {"model.layers.0.self_attn.o_proj", "model.layers.2.self_attn.o_proj"}
+    assert min(acc.values()) >= 0.9, acc
+    after = dict(model.named_parameters())
+    assert set(after) == set(before) | set(old_heads)
+    for n, p in before.items():                                  # base weights, experts, unpatched layer 1
+        assert torch.equal(after[n], p), n
+    assert all(not torch.equal(after[n], p) for n, p in old_heads.items())
+    assert isinstance(model.model.layers[1].self_attn.o_proj, torch.nn.Linear)
+    assert not model.training
+
+    unwill = {n: [] for n in acc}
+    with torch.no_grad():
+        for r in rows:
+            with mogu.capture_gates(model) as gates:
+                model(torch.tensor([mogu.prompt_ids(tok, r["instruction"])]))
+            for n in acc:
+                g = gates[n][0, -1]                                  # (2,) at the last prompt token
+                assert abs(float(g.sum()) - 1.0) < 1e-4              # glad = 1 - unwill
+                unwill[n].append(float(g[0]))
+    y = [r["label"] for r in rows]
+    for n, u in unwill.items():
+        mal = [g > 0.5 for g, lab in zip(u, y) if lab == 1]
+        ben = [g < 0.5 for g, lab in zip(u, y) if lab == 0]
+        assert sum(mal) >= 0.8 * len(mal) and sum(ben) >= 0.8 * len(ben), (n, u)
+
+
+def test_train_router_starts_from_probe_initialised_heads(tok, release, tmp_path):
+    """The example's wiring: patch, init from the probe, train_router keeps those heads
+    (lr=0: the trained heads are the initialised ones) and loads the experts into them."""
+    model = tiny_llama(layers=3)
+    mogu.patch_model(model, mogu.MoGUConfig(router_hidden=16))
+    rows = two_class_rows(8, seed=11)
+    mogu.init_routers_from_probe(model, tok, rows)
+    init = {n: p.detach().clone() for n, p in model.named_parameters() if "alpha_" in n or "beta_" in n}
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    mogu.train_router(model, tok, release["glad"], release["unwill"], str(data), tmp_path / "router", lr=0.0,
+                      weight_decay=0.0, examples_per_step=4, batch_size=4, max_steps=1, **FAST)
+    params = dict(model.named_parameters())
+    for n, p in init.items():
+        assert torch.equal(params[n], p), n
+    expected = mogu.load_official(tiny_llama(layers=3), glad=release["glad"], unwill=release["unwill"],
+                                  router=release["router"])
+    for n, layer in mogu.patched_modules(expected).items():
+        assert torch.equal(mogu.patched_modules(model)[n].lora_B, layer.lora_B), n
+
+
+def test_init_routers_from_probe_needs_a_patched_model_with_heads(tok):
+    rows = two_class_rows(8, seed=5)
+    with pytest.raises(ValueError, match="not MoGU-patched.*patch_model"):
+        mogu.init_routers_from_probe(tiny_llama(layers=3), tok, rows)
+    model = _probe_model(router_hidden=8)
+    mogu.fold_routers(model)
+    with pytest.raises(ValueError, match="folded"):
+        mogu.init_routers_from_probe(model, tok, rows)
+    with pytest.raises(ValueError, match="init_routers_from_probe: rows needs both benign and malicious"):
+        mogu.init_routers_from_probe(_probe_model(router_hidden=8), tok, rows[::2])
