@@ -243,10 +243,10 @@ class _MoGUDecoding:
             generated += 1
             if unfinished.max() == 0:
                 break
-            cache = hf.find_cache(model_kwargs)
             if generated == m and self.protocol != "always":
                 mogu_phase = False
                 state.set_mode("base")
+                cache = hf.find_cache(model_kwargs)
                 if self.protocol == "exact" and cache is not None:
                     # The base model's own view of prompt + the m MoGU tokens: drop the MoGU
                     # keys/values first (one cache alive at a time), then one prefill.

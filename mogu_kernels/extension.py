@@ -12,7 +12,7 @@ Importing this module tries to load ``mogu_kernels._C`` (built from ``csrc/`` by
   router_weight and router_bias (weight and bias are frozen).
 
 The module also has ``_C.mogu_linear``, a fast entry to the same op (see
-``extension_mogu_linear``). The contract, shapes and dtypes are stated in
+``Backend.fast`` of the cpp and cuda backends). The contract, shapes and dtypes are stated in
 ``csrc/mogu_ops.h``. Autograd is registered
 in C++ (``csrc/mogu_autograd.cpp``: an inference call never enters Python); this module adds
 the fake kernels of both ops (``torch.library.register_fake``), so the op also works on
@@ -33,7 +33,6 @@ import torch
 from .dispatch import Backend, register_backend
 from .validation import accumulation_dtype, check_mogu_linear_args
 
-_is_compiling = torch.compiler.is_compiling
 
 try:
     from . import _C  # noqa: F401  (loading it registers the mogu_C ops)
@@ -41,6 +40,8 @@ try:
 except (ImportError, OSError) as exc:  # not built, or built against another torch
     _C = None
     LOAD_ERROR = f"extension mogu_kernels._C not built: {type(exc).__name__}: {exc}"
+
+_FAST = None      # set below when the extension has its fast entry
 
 
 if _C is not None:
@@ -82,15 +83,12 @@ def extension_mogu_linear(
     device); arguments and result as in :func:`mogu_kernels.mogu_linear`. The op checks its
     arguments itself (``checks_args=True``: mogu_linear words its errors only when it raised).
 
-    Eager calls with plain tensors go through ``_C.mogu_linear``, the op's fast entry (the same
-    dispatcher call without torch.ops' boxed argument handling); under torch.compile, with
-    tensor subclasses, a __torch_function__ mode or a non-float scaling, through torch.ops."""
+    Eager calls with plain tensors do not get here: ``mogu_linear`` calls the backend's
+    ``fast`` entry (``_C.mogu_linear``, the same dispatcher call without torch.ops' boxed
+    argument handling) first; this is the path under torch.compile, with tensor subclasses,
+    a __torch_function__ mode or a non-float scaling."""
     if _C is None:
         raise RuntimeError(LOAD_ERROR)
-    if _FAST is not None and not _is_compiling():
-        out = _FAST(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows)
-        if out is not NotImplemented:
-            return out
     y, gates, _ = _FORWARD(x, weight, bias, lora_A, lora_B, router_weight, router_bias, float(scaling), base_rows)
     return y, gates
 
@@ -112,14 +110,13 @@ def cuda_unavailable_reason() -> Optional[str]:
 
 _CPU = torch.device("cpu")
 
-_FAST_ENTRY = _FAST if _C is not None else None
 register_backend(Backend(name="cpp", fn=extension_mogu_linear,
                          # device == _CPU first: it is a tenth of the cost of device.type, and this
                          # runs on every call (dispatch re-validates the cached choice).
                          supports_device=lambda device: device == _CPU or device.type == "cpu",
-                         unavailable_reason=cpp_unavailable_reason, checks_args=True, fast=_FAST_ENTRY))
+                         unavailable_reason=cpp_unavailable_reason, checks_args=True, fast=_FAST))
 register_backend(Backend(name="cuda", fn=extension_mogu_linear,
                          supports_device=lambda device: device.type == "cuda",
-                         unavailable_reason=cuda_unavailable_reason, checks_args=True, fast=_FAST_ENTRY))
+                         unavailable_reason=cuda_unavailable_reason, checks_args=True, fast=_FAST))
 
 __all__ = ["extension_mogu_linear", "cpp_unavailable_reason", "cuda_unavailable_reason", "LOAD_ERROR"]
