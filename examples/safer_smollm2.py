@@ -124,6 +124,9 @@ def parse_args(argv=None):
                    help="stage-2 router heads: random (train_router's fresh heads) or probe (each layer's heads "
                         "start at a logistic-regression probe of its last-prompt-token input, fitted on the "
                         "router's train rows: mogu.init_routers_from_probe)")
+    p.add_argument("--probe-logit-std", type=float, default=1.0,
+                   help="with --router-init probe: rescale each layer's probe so its logits over the train rows "
+                        "have this standard deviation (0: the raw probe, whose large logits saturate the gates)")
     p.add_argument("--gate-tokens", choices=("all", "prompt"), default="all",
                    help="tokens the router's gate loss covers (mogu.train_router gate_tokens)")
     p.add_argument("--experts-from", default=None, metavar="RUN",
@@ -307,8 +310,9 @@ def main(argv=None) -> dict:
             if mogu.is_patched(model):
                 mogu.unpatch(model)
             mogu.patch_model(model, mogu.MoGUConfig(layers=layers))
-            probe_accuracy = mogu.init_routers_from_probe(model, tokenizer, router_rows,
-                                                          batch_size=args.gen_batch_size, progress=progress)
+            probe_accuracy = mogu.init_routers_from_probe(
+                model, tokenizer, router_rows, logit_std=args.probe_logit_std or None,
+                batch_size=args.gen_batch_size, progress=progress)
             print(f"seed {seed} probe init: train accuracy {min(probe_accuracy.values()):.3f} .. "
                   f"{max(probe_accuracy.values()):.3f} over {len(probe_accuracy)} layers", flush=True)
             step(f"seed{seed}_probe_init")

@@ -449,6 +449,32 @@ def test_probe_initialised_unwill_gate_tells_malicious_from_benign(tok):
         assert sum(mal) >= 0.8 * len(mal) and sum(ben) >= 0.8 * len(ben), (n, u)
 
 
+def test_probe_init_logit_std_rescales_each_layer_to_that_spread(tok):
+    """logit_std=s: each layer's unwill head is the same probe direction with its logits
+    over the rows rescaled to standard deviation s (checked against the unscaled init)."""
+    rows = two_class_rows(24, seed=5)
+    raw, scaled = _probe_model(router_hidden=8), _probe_model(router_hidden=8)
+    mogu.init_routers_from_probe(raw, tok, rows)
+    mogu.init_routers_from_probe(scaled, tok, rows, scale=2.0, logit_std=0.7)
+    labelled = probing._rows(rows, "rows")
+    names, feats = probing.layer_features(scaled, tok, labelled)
+    K = feats.shape[-1] // 2
+    from tiny_models import rel_err
+    for name, layer in mogu.patched_modules(scaled).items():
+        x = feats[names.index(name)][:, K:].double()                   # (n, K) last prompt token
+        v_raw, c_raw = (t.detach() for t in mogu.patched_modules(raw)[name].alpha_.folded())
+        v, c = (t.detach() for t in layer.alpha_.folded())
+        raw_logits = x @ v_raw.double() + c_raw.double()
+        logits = x @ v.double() + c.double()
+        assert abs(float(logits.std()) - 2.0 * 0.7) < 1e-4 * 1.4, float(logits.std())
+        ratio = float(logits.std() / raw_logits.std())
+        assert rel_err(v.double(), ratio * v_raw.double()) < 1e-5              # same direction
+        assert rel_err(c.double(), ratio * c_raw.double()) < 1e-5
+        assert rel_err(layer.beta_.folded()[0].detach().double(), -v.double()) < 1e-5  # glad: the negation
+    with pytest.raises(ValueError, match="logit_std must be a positive number"):
+        mogu.init_routers_from_probe(_probe_model(router_hidden=8), tok, rows, logit_std=0.0)
+
+
 def test_train_router_starts_from_probe_initialised_heads(tok, release, tmp_path):
     """The example's wiring: patch, init from the probe, train_router keeps those heads
     (lr=0: the trained heads are the initialised ones) and loads the experts into them."""

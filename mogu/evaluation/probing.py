@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -332,9 +333,9 @@ def _set_router_head(head: nn.Module, v: torch.Tensor, c: torch.Tensor) -> None:
         head.linear_2.bias.copy_(c.detach().double().cpu().reshape(1))
 
 
-def init_routers_from_probe(model: nn.Module, tokenizer, rows: Rows, *, scale: float = 1.0, l2: float = 1e-2,
-                            system: Optional[str] = None, batch_size: int = 8, progress: bool = False
-                            ) -> Dict[str, float]:
+def init_routers_from_probe(model: nn.Module, tokenizer, rows: Rows, *, scale: float = 1.0,
+                            logit_std: Optional[float] = None, l2: float = 1e-2, system: Optional[str] = None,
+                            batch_size: int = 8, progress: bool = False) -> Dict[str, float]:
     """Start the router heads of a MoGU-patched model from a per-layer linear probe.
 
     Why: a logistic-regression read-out of the last prompt token of each layer's target-
@@ -354,6 +355,12 @@ def init_routers_from_probe(model: nn.Module, tokenizer, rows: Rows, *, scale: f
     logit = w . x + b > 0 for malicious. The heads are set (:func:`_set_router_head`) so
     that their folded maps are unwill: (scale * w, scale * b) and glad: (-scale * w,
     -scale * b); the gates are then sigmoid(+-scale * logit) and sum to 1.
+    logit_std: when given (> 0), each layer's probe is first rescaled so that its logits over
+    ``rows`` have this standard deviation (then times ``scale``). Why: the probes separate
+    the train prompts almost perfectly, so their raw weights (weakly regularised) give
+    logits of order 10-100 that saturate every gate and leave the router no gradient; on
+    SmolLM2, raw probes made router training diverge. ``logit_std=1`` starts the gates at
+    sigmoid of order-1 logits, on the probe's direction.
     The heads keep their dtype and device (a bf16 head holds the probe rounded to bf16).
 
     Returns {patched module name: train accuracy of its probe} (the share of ``rows``
@@ -368,6 +375,8 @@ def init_routers_from_probe(model: nn.Module, tokenizer, rows: Rows, *, scale: f
     if folded:
         raise ValueError(f"init_routers_from_probe: the routers of {folded[0]} (and {len(folded) - 1} more) are "
                          f"folded (deployment state) and have no heads to initialise; patch a fresh model")
+    if logit_std is not None and not (math.isfinite(logit_std) and logit_std > 0):
+        raise ValueError(f"init_routers_from_probe: logit_std must be a positive number or None, got {logit_std!r}")
     labelled = _rows(rows, "rows", "init_routers_from_probe")
     names, feats = layer_features(model, tokenizer, labelled, system=system, batch_size=batch_size,
                                   progress=progress)
@@ -382,6 +391,9 @@ def init_routers_from_probe(model: nn.Module, tokenizer, rows: Rows, *, scale: f
     w, b = fit_probe(x, y, l2=l2)                                     # (L, K), (L,) float64
     logits = torch.einsum("lnd,ld->ln", x.double(), w) + b[:, None]
     accuracy = ((logits > 0).double() == y).double().mean(1)
+    if logit_std is not None:                     # per layer, so that std over rows of the logits = logit_std
+        norm = logit_std / logits.std(dim=1).clamp_min(1e-12)
+        w, b = w * norm[:, None], b * norm
     for l, name in enumerate(order):
         layer = layers[name]
         _set_router_head(layer.alpha_, scale * w[l], scale * b[l])      # unwill: high on malicious
