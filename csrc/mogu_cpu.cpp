@@ -35,7 +35,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "mogu_entry.h"
@@ -714,6 +718,99 @@ MOGU_CPU_CLONES void unpack_shrink(const float* out, int64_t m0, int64_t m1, int
   }
 }
 
+// ------------------------------------------------------------- packed operands, cached
+// The bf16 plan repacks three small operands: Sp ([A; v] in brgemm's pair layout, for the
+// brgemm shrink), Vs (v split into three bf16 parts, for the dot-product shrink) and Bp (B in
+// brgemm's pair layout). They depend only on the experts and the router, which stay the same
+// call after call in inference, and the packing ran on one thread per call while the others
+// waited (1-3% of a bf16 call at one thread, measured with perf; twice that share at two).
+// packed_operand keeps each packed buffer keyed by (kind, source tensors). An entry is valid
+// while each source is the same live TensorImpl (held by a weak reference, so no other tensor
+// can take its address while the entry exists) with the same data pointer, sizes and version
+// counter (in-place updates such as an optimizer step bump it). Inference tensors have no
+// version counter and are never cached: they are packed into the calling thread's scratch
+// each call, as before. Entries whose sources have all been freed are dropped whenever a new
+// entry is added, so the cache holds the packed operands of live layers only (at r = 8, two
+// experts, K = N = 4096: ~350 KiB per layer).
+struct PackSource {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
+  const void* data;
+  std::vector<int64_t> sizes;
+  int64_t version;
+
+  explicit PackSource(const Tensor& t)
+      : impl(t.getIntrusivePtr()), data(t.const_data_ptr()), sizes(t.sizes().vec()), version(t._version()) {}
+  bool matches(const Tensor& t) const {
+    return !impl.expired() && data == t.const_data_ptr() && t.sizes().equals(sizes) && version == t._version();
+  }
+};
+
+struct PackKey {
+  int kind;
+  const void* impl0;
+  const void* impl1;
+  bool operator==(const PackKey& o) const { return kind == o.kind && impl0 == o.impl0 && impl1 == o.impl1; }
+};
+
+struct PackKeyHash {
+  size_t operator()(const PackKey& k) const {
+    const size_t h0 = std::hash<const void*>()(k.impl0), h1 = std::hash<const void*>()(k.impl1);
+    return (h0 * 31 + h1) * 8 + static_cast<size_t>(k.kind);
+  }
+};
+
+struct PackEntry {
+  std::vector<PackSource> sources;
+  std::shared_ptr<std::vector<uint16_t>> packed;
+};
+
+// The packed operand as a pointer, and what keeps it alive for the call (null when it lives in
+// the calling thread's scratch slot kSlot).
+struct Packed {
+  const uint16_t* data;
+  std::shared_ptr<std::vector<uint16_t>> holder;
+};
+
+// n packed elements made by fill(uint16_t* out) from ``sources`` (one or two tensors),
+// cached as described above; kind names the packing (0 Bp, 1 Sp, 2 Vs).
+template <int kSlot, typename Fill>
+Packed packed_operand(int kind, std::initializer_list<const Tensor*> sources, size_t n, Fill&& fill) {
+  bool cacheable = true;
+  for (const Tensor* t : sources) cacheable = cacheable && !t->is_inference();
+  if (!cacheable) {
+    uint16_t* out = scratch<uint16_t, kSlot>(n);
+    fill(out);
+    return {out, nullptr};
+  }
+  static std::mutex mutex;
+  // Never destroyed: at exit, weak references must not be released after c10 is gone.
+  static auto& entries = *new std::unordered_map<PackKey, PackEntry, PackKeyHash>();
+  const Tensor* first = *sources.begin();
+  const Tensor* second = sources.size() > 1 ? *(sources.begin() + 1) : nullptr;
+  const PackKey key{kind, first->unsafeGetTensorImpl(), second != nullptr ? second->unsafeGetTensorImpl() : nullptr};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = entries.find(key);
+  if (it != entries.end()) {
+    bool valid = it->second.packed->size() == n;
+    size_t i = 0;
+    for (const Tensor* t : sources) valid = valid && it->second.sources[i++].matches(*t);
+    if (valid) return {it->second.packed->data(), it->second.packed};
+  } else {
+    for (auto e = entries.begin(); e != entries.end();) {  // drop the entries of freed tensors
+      bool dead = false;
+      for (const PackSource& src : e->second.sources) dead = dead || src.impl.expired();
+      e = dead ? entries.erase(e) : std::next(e);
+    }
+  }
+  PackEntry entry;
+  for (const Tensor* t : sources) entry.sources.emplace_back(*t);
+  entry.packed = std::make_shared<std::vector<uint16_t>>(n);
+  fill(entry.packed->data());
+  Packed out{entry.packed->data(), entry.packed};
+  entries[key] = std::move(entry);
+  return out;
+}
+
 // Whether this CPU has a bf16 brgemm (checked once).
 bool bf16_brgemm_usable() {
   static const bool usable = bf16_path_allows(1) && at::native::cpublas::could_pack(at::kBFloat16);
@@ -744,10 +841,10 @@ void forward_bf16_brgemm(ForwardCall& f, const Tensor& weight, double scaling) {
 #if defined(MOGU_HAVE_DPBF16)
   if (M < kBrgemmShrinkRows && cpu_has_avx512_bf16()) {
     // z into saved directly; the logits' three parts into vout, summed below.
-    uint16_t* Vs = scratch<uint16_t, 0>(static_cast<size_t>(3 * E * K));
+    const Packed Vs = packed_operand<0>(2, {&f.v}, static_cast<size_t>(3 * E * K),
+                                        [&](uint16_t* out) { split_router_bf16(v_ptr, E, K, out); });
     float* vout = scratch<float, 1>(static_cast<size_t>(M * 3 * E));
-    split_router_bf16(v_ptr, E, K, Vs);
-    const bf16* V_bf = reinterpret_cast<const bf16*>(Vs);
+    const bf16* V_bf = reinterpret_cast<const bf16*>(Vs.data);
     // (row group of 4, block of S rows) units, as in (a): decode rows split the S rows too.
     const int64_t row_groups = (M + 3) / 4;
     const int64_t c_chunks =
@@ -774,13 +871,13 @@ void forward_bf16_brgemm(ForwardCall& f, const Tensor& weight, double scaling) {
   }
 #endif
   if (!done && M >= kBrgemmShrinkMinRows) {
-    uint16_t* Sp = scratch<uint16_t, 0>(static_cast<size_t>(K * C2));
+    const Packed Sp = packed_operand<0>(1, {&f.A, &f.v}, static_cast<size_t>(K * C2),
+                                        [&](uint16_t* out) { pack_shrink_bf16(A_ptr, v_ptr, ER, E, K, out); });
     float* out = scratch<float, 1>(static_cast<size_t>(M * C2));
-    pack_shrink_bf16(A_ptr, v_ptr, ER, E, K, Sp);
     const int64_t grain = std::max<int64_t>(kRowGroup, kMinWorkPerTask / std::max<int64_t>(1, C2 * K) * 16);
     at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
       cpublas::brgemm(m1 - m0, C2, K, ldx, C2, C2, /*add_C=*/false, x_ptr + m0 * ldx,
-                      reinterpret_cast<const bf16*>(Sp), out + m0 * C2);
+                      reinterpret_cast<const bf16*>(Sp.data), out + m0 * C2);
       cpublas::brgemm_release();
       unpack_shrink(out, m0, m1, ER, E, saved_ptr, logits_ptr);
     });
@@ -801,8 +898,8 @@ void forward_bf16_brgemm(ForwardCall& f, const Tensor& weight, double scaling) {
   // when there are enough row units for the threads (then y is read in whole rows, which the
   // hardware prefetchers follow; 256-column pieces of rows 4 KiB apart they do not), else
   // kColumns-wide groups so that decode rows split across threads too.
-  uint16_t* Bp = scratch<uint16_t, 2>(static_cast<size_t>(ERp * N));
-  pack_expand_bf16(B_ptr, E, N, R, Bp);
+  const Packed Bp = packed_operand<2>(0, {&f.B}, static_cast<size_t>(ERp * N),
+                                      [&](uint16_t* out) { pack_expand_bf16(B_ptr, E, N, R, out); });
   const int64_t row_units = (M + kBrgemmRows - 1) / kBrgemmRows;
   const int64_t col_groups = row_units >= 2 * at::get_num_threads() ? 1 : (N + kColumns - 1) / kColumns;
   const int64_t group_cols = col_groups == 1 ? N : kColumns;
@@ -828,7 +925,7 @@ void forward_bf16_brgemm(ForwardCall& f, const Tensor& weight, double scaling) {
       for (int64_t i = 0; i < nb; ++i) bias_chunk[i] = b_ptr != nullptr ? static_cast<float>(b_ptr[n0 + i]) : 0.0f;
       for (int64_t c0 = n0; c0 < n1; c0 += kColumns) {  // delta (rows x nb) in kColumns-wide brgemms
         cpublas::brgemm(m1 - m0, std::min(n1, c0 + kColumns) - c0, ERp, ERp, N, nb, /*add_C=*/false, tb,
-                        reinterpret_cast<const bf16*>(Bp) + c0 * 2, delta + (c0 - n0));
+                        reinterpret_cast<const bf16*>(Bp.data) + c0 * 2, delta + (c0 - n0));
       }
       combine_bf16(y_ptr + m0 * N + n0, N, delta, nb, bias_chunk, gs, m1 - m0, nb);
     }

@@ -341,6 +341,46 @@ def test_half_precision_forward_on_cpu(threads, dtype, M, K, N, r, E, bias, layo
 
 
 @needs_ext
+@pytest.mark.parametrize("M", [1, 40], ids=["dot_shrink", "brgemm_shrink"])
+@pytest.mark.parametrize("inference", [False, True], ids=["tensors", "inference_tensors"])
+def test_bf16_packed_operands_follow_the_tensors(M, inference):
+    """The bf16 path keeps its packed experts and router per source tensor across calls
+    (csrc/mogu_cpu.cpp, packed_operand). Every change of a source between two calls must
+    show in the next call: in-place updates of lora_B, lora_A and the router weights, a
+    ``.data`` swap, a new tensor in place of a freed one; inference tensors (not cached) too.
+    Each change is large enough that a stale packed operand would miss the new float64 spec
+    by far more than the tolerance (checked), so the test fails if a cache entry outlives it."""
+    ctx = torch.inference_mode() if inference else torch.no_grad()
+    with ctx:
+        x, w, b, A, B, rw, rb = make_args(M, 514, 530, 8, 2, dtype=torch.bfloat16, seed=M + 5)
+        g = torch.Generator().manual_seed(M)
+
+        def check(stale=None):
+            y, gates = mogu_kernels.mogu_linear(x, w, b, A, B, rw, rb, 2.0)
+            y_ref, g_ref = spec_mogu_linear(x, w, b, A, B, rw, rb, 2.0)
+            assert rel_err(y, y_ref) < FWD_TOL[torch.bfloat16] and rel_err(gates, g_ref) < FWD_TOL[torch.bfloat16]
+            if stale is not None:   # what a stale packed operand would give is far from the new spec
+                assert rel_err(stale[0], y_ref) > 10 * FWD_TOL[torch.bfloat16] or \
+                    rel_err(stale[1], g_ref) > 10 * FWD_TOL[torch.bfloat16]
+            return y, gates
+
+        out = check()
+        check()                                                       # the same tensors again: a cache hit
+        B.mul_(-30.0)                                                 # in place: version bump
+        out = check(stale=out)
+        A.add_(torch.randn(A.shape, generator=g).to(A.dtype) * 0.5)
+        out = check(stale=out)
+        rw.mul_(-1.0).add_(torch.randn(rw.shape, generator=g) * 0.05)
+        out = check(stale=out)
+        if not inference:                                             # .data assignment: same tensor object
+            B.data = torch.randn(B.shape, generator=g).to(B.dtype) * 3.0
+            out = check(stale=out)
+        del B
+        B = torch.randn(2, 530, 8, generator=g).to(torch.bfloat16) * 3.0   # a new tensor, maybe at B's address
+        check(stale=out)
+
+
+@needs_ext
 @pytest.mark.parametrize("path", ["generic", "brgemm"])
 def test_bf16_paths_of_other_cpus(path):
     """The bf16 forward takes one of three paths by what the CPU has (csrc/mogu_cpu.cpp): the
