@@ -202,7 +202,9 @@ class MoGULinear(nn.Module):
         cached = self._call_cache.get(slot)
         if (cached is None or len(cached[0]) != len(tensors) or any(a is not b for a, b in zip(cached[0], tensors))
                 or cached[1] != versions or cached[2] != extra):
-            with torch.no_grad():
+            # Made outside inference mode so that the result is a normal tensor: the C++ op keeps
+            # per-tensor packed copies only of tensors with a version counter (not inference tensors).
+            with torch.inference_mode(False), torch.no_grad():
                 cached = (tuple(tensors), versions, extra, make())
             self._call_cache[slot] = cached
         return cached[3]
