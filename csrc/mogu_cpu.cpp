@@ -729,9 +729,9 @@ MOGU_CPU_CLONES void unpack_shrink(const float* out, int64_t m0, int64_t m1, int
 // can take its address while the entry exists) with the same data pointer, sizes and version
 // counter (in-place updates such as an optimizer step bump it). Inference tensors have no
 // version counter and are never cached: they are packed into the calling thread's scratch
-// each call, as before. Entries whose sources have all been freed are dropped whenever a new
-// entry is added, so the cache holds the packed operands of live layers only (at r = 8, two
-// experts, K = N = 4096: ~350 KiB per layer).
+// each call, as before. Entries with a freed source (never valid again) are dropped whenever a
+// new entry is added, so the cache holds the packed operands of live layers only (at r = 8,
+// two experts, K = N = 4096: ~350 KiB per layer).
 struct PackSource {
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
   const void* data;
