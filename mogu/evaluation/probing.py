@@ -360,7 +360,8 @@ def init_routers_from_probe(model: nn.Module, tokenizer, rows: Rows, *, scale: f
     the train prompts almost perfectly, so their raw weights (weakly regularised) give
     logits of order 10-100 that saturate every gate and leave the router no gradient; on
     SmolLM2, raw probes made router training diverge. ``logit_std=1`` starts the gates at
-    sigmoid of order-1 logits, on the probe's direction.
+    sigmoid of order-1 logits, on the probe's direction (on SmolLM2 the gates still
+    collapsed within five router steps: README, SmolLM2 section; experimental).
     The heads keep their dtype and device (a bf16 head holds the probe rounded to bf16).
 
     Returns {patched module name: train accuracy of its probe} (the share of ``rows``
