@@ -388,6 +388,20 @@ def report(results: dict, out: str) -> dict:
     return results
 
 
+# Settings that do not change what a seed's run computes: where it ran and what it printed;
+# experts_from only reuses experts that reuse_expert has checked were trained on the same
+# pair files with the same settings.
+RUN_ONLY_SETTINGS = ("seeds", "out", "no_base", "combine", "no_progress", "experts_from")
+
+
+def comparable_settings(settings: dict) -> dict:
+    """A run's settings as --combine compares them: options added after the run was made
+    take their defaults (every new option defaults to the behaviour before it existed),
+    and RUN_ONLY_SETTINGS are left out."""
+    full = {**vars(parse_args([])), **settings}
+    return {k: v for k, v in full.items() if k not in RUN_ONLY_SETTINGS}
+
+
 def combine(dirs, out: str) -> dict:
     """Merge the results.json of runs that each covered some seeds (same settings)."""
     runs = []
@@ -400,8 +414,7 @@ def combine(dirs, out: str) -> dict:
     merged["base_templates"] = next((r["base_templates"] for r in runs if r.get("base_templates")), None)
     merged["runs"] = {d: {"seconds": r["seconds"], "total_seconds": r["total_seconds"], "machine": r["machine"],
                           "load_average_at_end": r.get("load_average_at_end")} for d, r in zip(dirs, runs)}
-    ignore = ("seeds", "out", "no_base", "combine", "no_progress")
-    settings = [{k: v for k, v in r["settings"].items() if k not in ignore} for r in runs]
+    settings = [comparable_settings(r["settings"]) for r in runs]
     if any(s != settings[0] for s in settings):
         raise SystemExit("combine: the runs used different settings: " + json.dumps(settings))
     os.makedirs(out, exist_ok=True)
