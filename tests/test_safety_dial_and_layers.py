@@ -168,6 +168,31 @@ def test_router_offset_shifts_the_logits_exactly(release):
         torch.testing.assert_close(g2[name], g0[name])
 
 
+def test_per_call_caches_made_in_inference_mode_are_normal_tensors(release):
+    """The router fold and the cast experts are cached by a first call under
+    torch.inference_mode (as in serving); they must still be normal tensors, because the
+    C++ op keeps packed copies only of tensors with a version counter (inference tensors
+    have none and would be repacked on every call). Output equals a no-cache recomputation."""
+    model = _loaded(release)
+    layer = next(iter(mogu.patched_modules(model).values()))
+    if layer.is_folded:
+        pytest.skip("release routers load folded: no fold cache to check")
+    layer.weight.data = layer.weight.data.bfloat16()                  # experts stay fp32: a cast is cached
+    if layer.bias is not None:
+        layer.bias.data = layer.bias.data.bfloat16()
+    x = torch.randn(3, layer.weight.shape[1], generator=torch.Generator().manual_seed(8)).bfloat16()
+    with torch.inference_mode():
+        y = layer(x)
+    cached = {slot: entry[3] for slot, entry in layer._call_cache.items()}
+    assert {"fold", "experts"} <= set(cached)
+    for slot, tensors in cached.items():
+        for t in tensors:
+            assert not t.is_inference(), slot
+    layer._call_cache = {}
+    with torch.no_grad():
+        assert torch.equal(layer(x), y)
+
+
 def test_per_call_caches_follow_the_dial_the_weights_and_autograd(release):
     """The layer caches the dial-shifted router bias and the experts cast to the model dtype
     between calls; every change (dial, in-place edit, replaced or moved tensor, dtype) must

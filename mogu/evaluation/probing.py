@@ -340,8 +340,9 @@ def init_routers_from_probe(model: nn.Module, tokenizer, rows: Rows, *, scale: f
 
     Why: a logistic-regression read-out of the last prompt token of each layer's target-
     module input (what a per-token router sees where it picks the first answer token)
-    separated benign from malicious validation prompts far better (~91% vs ~55% true
-    positives at 5% false positives) than routers trained from random init.
+    separated benign from malicious validation prompts better (~91% true positives at 5%
+    false positives on SmolLM2) than routers trained from random init (55% after three
+    epochs, 88% after five).
 
     model: already patched (``mogu.patch_model``) with unfolded router heads; ValueError
         otherwise. Only its patched layers' ``alpha_`` (unwill) and ``beta_`` (glad) heads
@@ -357,8 +358,8 @@ def init_routers_from_probe(model: nn.Module, tokenizer, rows: Rows, *, scale: f
     -scale * b); the gates are then sigmoid(+-scale * logit) and sum to 1.
     logit_std: when given (> 0), each layer's probe is first rescaled so that its logits over
     ``rows`` have this standard deviation (then times ``scale``). Why: the probes separate
-    the train prompts almost perfectly, so their raw weights (weakly regularised) give
-    logits of order 10-100 that saturate every gate and leave the router no gradient; on
+    the train prompts almost perfectly (96-100% train accuracy per layer on SmolLM2), so
+    their raw weights (weakly regularised) give large logits that saturate the gates; on
     SmolLM2, raw probes made router training diverge. ``logit_std=1`` starts the gates at
     sigmoid of order-1 logits, on the probe's direction (on SmolLM2 the gates still
     collapsed within five router steps: README, SmolLM2 section; experimental).
