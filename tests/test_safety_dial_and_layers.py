@@ -144,6 +144,77 @@ def test_select_layers_on_a_tiny_model(tok, tmp_path):
         probing.probe_layers(model, tok, rows[:16:2], rows[16:], progress=False)
 
 
+def _reference_recall(logits, malicious, rate, among=None):
+    """Independent reference: sweep every candidate threshold (each score, and below all),
+    keep those letting at most ``rate`` of the benign rows strictly above, take the best recall."""
+    out = []
+    counted = malicious if among is None else malicious & among
+    for row in logits.tolist():
+        neg = [v for v, bad in zip(row, malicious.tolist()) if not bad]
+        pos = [v for v, c in zip(row, counted.tolist()) if c]
+        best = 0.0
+        for t in sorted(set(row)) + [min(row) - 1.0]:
+            if sum(v > t for v in neg) <= rate * len(neg):
+                best = max(best, sum(v > t for v in pos) / len(pos))
+        out.append(best)
+    return out
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.05, 0.2, 0.5])
+def test_recall_at_benign_rate_is_the_best_threshold_within_the_rate(rate):
+    """Against a brute-force threshold sweep, with tied scores (quarter steps) and a category mask."""
+    g = torch.Generator().manual_seed(3)
+    L, m = 4, 61
+    malicious = torch.rand(m, generator=g) < 0.4
+    logits = (torch.randn(L, m, generator=g, dtype=torch.float64) + 1.5 * malicious.double()).mul(4).round() / 4
+    among = torch.rand(m, generator=g) < 0.5
+    assert int((~malicious).sum()) != 0 and int((malicious & among).sum()) != 0
+    got = probing.recall_at_benign_rate(logits, malicious, rate)
+    assert got.tolist() == pytest.approx(_reference_recall(logits, malicious, rate), abs=1e-12)
+    got = probing.recall_at_benign_rate(logits, malicious, rate, among=among)
+    assert got.tolist() == pytest.approx(_reference_recall(logits, malicious, rate, among), abs=1e-12)
+    assert any(0.0 < v < 1.0 for v in got.tolist()), got              # not a trivial all-or-nothing case
+
+
+def test_recall_at_benign_rate_rejects_bad_input():
+    logits, malicious = torch.randn(2, 6, dtype=torch.float64), torch.tensor([1, 0, 1, 0, 1, 0]).bool()
+    with pytest.raises(ValueError, match="benign_rate"):
+        probing.recall_at_benign_rate(logits, malicious, 1.0)
+    with pytest.raises(ValueError, match="benign rows and malicious rows"):
+        probing.recall_at_benign_rate(logits, torch.ones(6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="benign rows and malicious rows"):
+        probing.recall_at_benign_rate(logits, malicious, among=torch.zeros(6, dtype=torch.bool))
+
+
+def test_probe_cli_reports_recall_per_category(tok, tmp_path, capsys):
+    """``mogu probe`` end to end on a saved tiny model: recall overall and per malicious category
+    in the table and probe.json, one value per layer; on --target-modules' modules."""
+    from mogu.cli import main
+    tiny_llama(layers=3).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rng = random.Random(1)
+    rows = []
+    for i in range(48):
+        label = ("benign", "malicious")[i % 2]
+        category = {"benign": ("benign", "borderline"), "malicious": ("malicious", "jailbreak")}[label][(i // 2) % 2]
+        vocab = range(10, 14) if label == "malicious" else range(40, 44)
+        rows.append({"instruction": words([rng.choice(vocab) for _ in range(5)]), "label": label,
+                     "category": category})
+    for name, part in (("train", rows[:32]), ("heldout", rows[32:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    assert main(["probe", "--model", str(tmp_path / "model"), "--train", str(tmp_path / "train.jsonl"),
+                 "--heldout", str(tmp_path / "heldout.jsonl"), "--out", str(tmp_path / "probe"),
+                 "--target-modules", "mlp.down_proj", "--benign-rate", "0.1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    report = json.load(open(tmp_path / "probe" / probing.PROBE_FILE))
+    assert report["modules"] == [f"model.layers.{l}.mlp.down_proj" for l in range(3)]
+    assert report["benign_rate"] == 0.1 and len(report["recall"]) == 3
+    assert sorted(report["recall_by_category"]) == ["jailbreak", "malicious"]
+    assert all(0.0 <= v <= 1.0 for v in report["recall"] + sum(report["recall_by_category"].values(), []))
+    assert "malicious caught at 10% benign" in printed and "jailbreak" in printed
+    assert "probe: highest recall at 10% benign: layer" in printed
+
+
 # ------------------------------------------------------------------ the dial
 def test_router_offset_shifts_the_logits_exactly(release):
     model = _loaded(release)

@@ -1,7 +1,7 @@
 """``mogu calibrate`` and ``mogu probe``: the usability/safety dial and layer selection.
 
     mogu calibrate --model M [--gguf-file F] --mogu MOGU_DIR --prompts VAL.jsonl --out DIR [--target 0.05]
-    mogu probe     --model M [--gguf-file F] --train F --heldout F --out DIR [--top K]
+    mogu probe     --model M [--gguf-file F] --train F --heldout F --out DIR [--top K] [--benign-rate 0.05]
 
 See ``mogu.evaluation.calibration`` and ``mogu.evaluation.probing``; model options and path checks as in
 ``mogu.cli.common``.
@@ -48,14 +48,21 @@ def register(subparsers) -> None:
         "probe", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="rank layers by how well their activations separate benign from malicious prompts (MoGU v2)",
         description="Fits a logistic-regression probe per target layer on --train prompts and ranks the layers by "
-                    "its accuracy on --heldout prompts. Writes probe.json and probe.png in --out. Use the best K with "
-                    "MoGUConfig(layers=[...]) or layers='auto:K'.",
+                    "its accuracy on --heldout prompts; also prints, per layer, the held-out malicious prompts it "
+                    "catches when at most --benign-rate of the benign ones (borderline included) are flagged, a "
+                    "yardstick for what calibrated routers can reach. Writes probe.json and probe.png in --out. Use "
+                    "the best K with MoGUConfig(layers=[...]) or layers='auto:K'.",
         epilog="Example: mogu probe --model M --train mogu/samples/safety/train.jsonl "
                f"--heldout mogu/samples/safety/validation.jsonl --out runs/probe --top 8\n{EXPLAIN_M}")
     add_eval_model_args(p, with_mogu=False)
     p.add_argument("--train", nargs="+", required=True, help="labelled prompt files to fit the probes (required)")
     p.add_argument("--heldout", nargs="+", required=True, help="labelled prompt files to score them (required)")
     p.add_argument("--top", type=int, default=None, help="mark and print the best K layers (default: none)")
+    p.add_argument("--benign-rate", type=float, default=0.05,
+                   help="benign refusal rate at which the recall column is read (default: %(default)s)")
+    p.add_argument("--target-modules", nargs="+", default=None,
+                   help="module-name suffixes whose inputs are probed (default: the family's MoGU target, e.g. "
+                        "self_attn.o_proj)")
     p.add_argument("--out", required=True, help="output folder (required)")
     p.set_defaults(func=run_probe)
 
@@ -94,16 +101,30 @@ def run_calibrate(args) -> int:
 def run_probe(args) -> int:
     from ..evaluation.probing import probe_layers
 
+    from ..config import MoGUConfig
+
     check_positive(args, "batch_size", "top")
+    if not 0.0 <= args.benign_rate < 1.0:
+        raise ValueError(f"--benign-rate must be in [0, 1), got {args.benign_rate}")
     train, heldout = _rows(args.train), _rows(args.heldout)      # checked before the model loads
     args.out = check_out(args.out)
     check_model(args, "probe")
     model, tokenizer = load_inference_model(args)
-    result = probe_layers(model, tokenizer, train, heldout, out=args.out, top=args.top, system=args.system,
-                          batch_size=args.batch_size, progress=not args.no_progress)
+    config = MoGUConfig(target_modules=args.target_modules) if args.target_modules else None
+    result = probe_layers(model, tokenizer, train, heldout, out=args.out, config=config, top=args.top,
+                          system=args.system, batch_size=args.batch_size, benign_rate=args.benign_rate,
+                          progress=not args.no_progress)
+    rate = f"{100 * result.benign_rate:g}%"
+    categories = list(result.recall_by_category)
+    print(f"rank  layer  held-out accuracy  malicious caught at {rate} benign"
+          + "".join(f"  {c}" for c in categories) + "  module")
     for rank, layer in enumerate(result.ranking[:args.top or len(result.ranking)]):
-        print(f"{rank + 1:3d}. layer {layer:3d}  held-out accuracy {100 * result.accuracy[layer]:5.1f}%  "
-              f"({result.modules[layer]})")
+        print(f"{rank + 1:4d}  {layer:5d}  {100 * result.accuracy[layer]:16.1f}%  {100 * result.recall[layer]:31.1f}%"
+              + "".join(f"  {100 * result.recall_by_category[c][layer]:{len(c) - 1}.1f}%" for c in categories)
+              + f"  {result.modules[layer]}")
+    best = max(range(len(result.recall)), key=lambda l: result.recall[l])
+    print(f"probe: highest recall at {rate} benign: layer {best}, {100 * result.recall[best]:.1f}% of held-out "
+          f"malicious prompts" + "".join(f", {c} {100 * result.recall_by_category[c][best]:.1f}%" for c in categories))
     if args.top:
         print(f"probe: best {args.top}: layers={result.best(args.top)}")
     return 0

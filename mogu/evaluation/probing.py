@@ -10,6 +10,16 @@ logistic-regression probe on the ``train`` prompts and scores its accuracy on th
 log-likelihood). :func:`select_layers` turns ``MoGUConfig(layers="auto:K")`` into the K
 best layer indices.
 
+Beside accuracy, each layer reports the probe's **recall at the dial's operating point**:
+the share of held-out malicious prompts it scores above the highest threshold that lets at
+most ``benign_rate`` (default 5%) of the held-out benign-label prompts (benign and
+borderline, as the dial counts them) above it, overall and per category (plain malicious,
+jailbreak, ...). A linear read-out of the layer's input at that operating point is a
+yardstick for what MoGU's routers, which see the same inputs, can be expected to reach
+after calibration (:mod:`.calibration`); it is not a bound (the routers are small MLPs over
+every token), but a model whose every layer reads out, say, 90% of malicious prompts at 5%
+benign will not reach 95% by more router training.
+
 The probe's maths is in :func:`fit_probe` / :func:`probe_accuracy` (pure tensors, tested
 on synthetic activations); :func:`layer_features` does the forward passes.
 
@@ -45,7 +55,10 @@ Rows = Union[str, os.PathLike, Sequence[Union[str, os.PathLike, Dict]]]
 @dataclass
 class ProbeResult:
     """modules: target module names in layer order; accuracy / train_accuracy /
-    heldout_nll: per layer; ranking: layer indices, best first; files written."""
+    heldout_nll: per layer; ranking: layer indices, best first; recall: per layer, the
+    held-out malicious rows caught at ``benign_rate`` (module docstring), and
+    recall_by_category {category: per layer} for the malicious rows' categories (empty
+    when the rows carry none); files written."""
     modules: List[str]
     accuracy: List[float]
     train_accuracy: List[float]
@@ -53,6 +66,9 @@ class ProbeResult:
     ranking: List[int]
     n_train: int
     n_heldout: int
+    benign_rate: float = 0.05
+    recall: List[float] = field(default_factory=list)
+    recall_by_category: Dict[str, List[float]] = field(default_factory=dict)
     files: List[str] = field(default_factory=list)
 
     def best(self, k: int) -> List[int]:
@@ -205,17 +221,52 @@ def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
     (full-batch L-BFGS, float64; the fit of :func:`fit_probe`). Returns (held-out accuracy
     (L,), train accuracy (L,), held-out mean negative log-likelihood (L,)).
     """
+    return _scores(*probe_logits(train_x, train_y, test_x, l2, steps), train_y, test_y)
+
+
+def probe_logits(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, l2: float = 1e-2,
+                 steps: int = 200) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The fit of :func:`probe_accuracy`; returns its logits on the train rows (L, n) and on
+    the held-out rows (L, m), float64 (> 0: malicious)."""
     mu, sd, w, b = _fit(train_x, train_y, l2, steps)
-    x, xt = (train_x.double() - mu) / sd, (test_x.double() - mu) / sd
-    y, yt = train_y.double(), test_y.double()
-    bce = nn.BCEWithLogitsLoss(reduction="none")
     with torch.no_grad():
-        tr = torch.einsum("lnd,ld->ln", x, w) + b[:, None]
-        te = torch.einsum("lnd,ld->ln", xt, w) + b[:, None]
-        acc_tr = ((tr > 0).double() == y).double().mean(1)
-        acc_te = ((te > 0).double() == yt).double().mean(1)
-        nll = bce(te, yt.expand_as(te)).mean(1)
+        tr = torch.einsum("lnd,ld->ln", (train_x.double() - mu) / sd, w) + b[:, None]
+        te = torch.einsum("lnd,ld->ln", (test_x.double() - mu) / sd, w) + b[:, None]
+    return tr, te
+
+
+def _scores(tr: torch.Tensor, te: torch.Tensor, train_y: torch.Tensor, test_y: torch.Tensor
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(held-out accuracy, train accuracy, held-out mean NLL), each (L,), from probe logits."""
+    y, yt = train_y.double(), test_y.double()
+    acc_tr = ((tr > 0).double() == y).double().mean(1)
+    acc_te = ((te > 0).double() == yt).double().mean(1)
+    nll = nn.functional.binary_cross_entropy_with_logits(te, yt.expand_as(te), reduction="none").mean(1)
     return acc_te, acc_tr, nll
+
+
+def recall_at_benign_rate(logits: torch.Tensor, malicious: torch.Tensor, benign_rate: float = 0.05,
+                          among: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per layer, the share of malicious rows a probe catches at a benign refusal rate.
+
+    logits (L, m) probe scores (higher = more malicious); malicious (m,) bool, the label
+    (False rows are the benign-label rows, borderline included); among: optional (m,) bool,
+    the malicious rows to count (e.g. one category; default all malicious rows).
+    The threshold is the highest one that lets at most ``benign_rate`` of the benign rows
+    score strictly above it: the (floor(benign_rate * n_benign) + 1)-th highest benign
+    score. Returns (L,) float64 in [0, 1]: the share of counted rows strictly above it.
+    ValueError without benign rows or counted rows, or for a rate outside [0, 1).
+    """
+    if not 0.0 <= float(benign_rate) < 1.0:
+        raise ValueError(f"benign_rate must be in [0, 1), got {benign_rate!r}")
+    malicious = malicious.bool()
+    counted = malicious if among is None else (among.bool() & malicious)
+    negatives = logits[:, ~malicious]
+    if negatives.shape[1] == 0 or int(counted.sum()) == 0:
+        raise ValueError("recall_at_benign_rate: needs benign rows and malicious rows to count")
+    k = int(math.floor(float(benign_rate) * negatives.shape[1]))
+    threshold = negatives.sort(dim=1, descending=True).values[:, k]             # (L,)
+    return (logits[:, counted] > threshold[:, None]).double().mean(1)
 
 
 def rank_layers(accuracy: Sequence[float], heldout_nll: Sequence[float]) -> List[int]:
@@ -235,9 +286,12 @@ def _plot(result: ProbeResult, path: str, chosen: Optional[List[int]]) -> Option
     colors = ["tab:red" if chosen and l in chosen else "tab:blue" for l in xs]
     ax.bar(xs, [100 * a for a in result.accuracy], color=colors)
     ax.plot(xs, [100 * a for a in result.train_accuracy], color="gray", lw=1, marker=".", label="train accuracy")
+    if result.recall:
+        ax.plot(xs, [100 * r for r in result.recall], color="black", lw=0, marker="x",
+                label=f"held-out malicious caught at {100 * result.benign_rate:g}% benign")
     ax.axhline(50, color="black", lw=0.5, ls=":")
     ax.set_xlabel("layer (target module index)")
-    ax.set_ylabel("held-out probe accuracy (%)")
+    ax.set_ylabel("held-out probe accuracy / recall (%)")
     ax.set_ylim(40, 101)
     ax.set_title(f"benign vs malicious linear probe per layer (train {result.n_train}, held-out "
                  f"{result.n_heldout}" + (f"; red = chosen {chosen}" if chosen else "") + ")", fontsize=9)
@@ -250,14 +304,18 @@ def _plot(result: ProbeResult, path: str, chosen: Optional[List[int]]) -> Option
 
 def probe_layers(model: nn.Module, tokenizer, train: Rows, heldout: Rows, *, out=None,
                  config: Optional[MoGUConfig] = None, top: Optional[int] = None, system: Optional[str] = None,
-                 batch_size: int = 8, l2: float = 1e-2, plots: bool = True, progress: bool = True) -> ProbeResult:
+                 batch_size: int = 8, l2: float = 1e-2, benign_rate: float = 0.05, plots: bool = True,
+                 progress: bool = True) -> ProbeResult:
     """Rank the target layers by held-out linear-probe accuracy (module docstring).
 
     train, heldout: labelled prompt files (benign/malicious rows; borderline rows carry
         label benign, jailbreak rows malicious) or lists of row dicts; both classes needed.
     out: optional folder for ``probe.json`` and ``probe.png``; top: K to mark in the plot.
+    benign_rate: the operating point of the recall read-out (:func:`recall_at_benign_rate`).
     Returns ProbeResult.
     """
+    if not 0.0 <= float(benign_rate) < 1.0:
+        raise ValueError(f"probe_layers: benign_rate must be in [0, 1), got {benign_rate!r}")
     train_rows, heldout_rows = _rows(train, "train"), _rows(heldout, "heldout")
     names, x_tr = layer_features(model, tokenizer, train_rows, config=config, system=system,
                                  batch_size=batch_size, progress=progress)
@@ -265,18 +323,30 @@ def probe_layers(model: nn.Module, tokenizer, train: Rows, heldout: Rows, *, out
                              batch_size=batch_size, progress=progress)
     y_tr = torch.tensor([r["label"] == "malicious" for r in train_rows], dtype=torch.float64)
     y_te = torch.tensor([r["label"] == "malicious" for r in heldout_rows], dtype=torch.float64)
-    acc, acc_tr, nll = probe_accuracy(x_tr, y_tr, x_te, y_te, l2=l2)
+    logits_tr, logits_te = probe_logits(x_tr, y_tr, x_te, l2=l2)
+    acc, acc_tr, nll = _scores(logits_tr, logits_te, y_tr, y_te)
+    malicious = y_te.bool()
+    recall = recall_at_benign_rate(logits_te, malicious, benign_rate)
+    categories = sorted({r["category"] for r, bad in zip(heldout_rows, malicious.tolist()) if bad and r.get("category")})
+    by_category = {cat: recall_at_benign_rate(logits_te, malicious, benign_rate,
+                                              among=torch.tensor([r.get("category") == cat for r in heldout_rows]))
+                   .tolist() for cat in categories}
     result = ProbeResult(modules=names, accuracy=acc.tolist(), train_accuracy=acc_tr.tolist(),
                          heldout_nll=nll.tolist(), ranking=rank_layers(acc.tolist(), nll.tolist()),
-                         n_train=len(train_rows), n_heldout=len(heldout_rows))
+                         n_train=len(train_rows), n_heldout=len(heldout_rows), benign_rate=float(benign_rate),
+                         recall=recall.tolist(), recall_by_category=by_category)
     if out is not None:
         out = os.fspath(out)
         os.makedirs(out, exist_ok=True)
         chosen = result.best(top) if top else None
         report = {"modules": names, "accuracy": result.accuracy, "train_accuracy": result.train_accuracy,
                   "heldout_nll": result.heldout_nll, "ranking": result.ranking, "chosen": chosen,
+                  "benign_rate": result.benign_rate, "recall": result.recall,
+                  "recall_by_category": result.recall_by_category,
                   "n_train": result.n_train, "n_heldout": result.n_heldout, "l2": l2,
-                  "features": "[mean over prompt tokens, last prompt token] of the target module's input"}
+                  "features": "[mean over prompt tokens, last prompt token] of the target module's input",
+                  "recall_rule": "held-out malicious rows scored above the highest threshold that lets at most "
+                                 "benign_rate of the held-out benign-label rows (borderline included) above it"}
         path = os.path.join(out, PROBE_FILE)
         atomic_write_text(path, json.dumps(report, indent=1) + "\n")
         result.files.append(path)
