@@ -106,6 +106,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="train in bfloat16 (GPU)")
     p.add_argument("--layers", default="all", help="'all', 'auto:K' (probe on validation) or e.g. '3,7,12'")
+    p.add_argument("--target-modules", nargs="+", default=None,
+                   help="projections MoGU adapts (default: the family's, self_attn.o_proj; see `mogu probe "
+                        "--target-modules` for how well each one's input tells the two kinds of request apart)")
     p.add_argument("--joint", action="store_true", help="MoGU v2 joint adaptation: experts train in stage 2 too")
     p.add_argument("--data-max-new-tokens", type=int, default=32)
     p.add_argument("--gen-batch-size", type=int, default=24, help="prompts per generate call")
@@ -188,6 +191,8 @@ def reuse_expert(src: str, affirm: str, reject: str, dst: str, args, seed: int, 
                 "lr": args.expert_lr, "epochs": args.expert_epochs, "per_step": args.pairs_per_step, "seed": seed,
                 "max_length": args.max_length, "batch_size": args.batch_size, "layers": layers,
                 "max_grad_norm": args.max_grad_norm, "bf16": args.bf16}
+    if args.target_modules:                      # older runs saved the resolved family default
+        expected["target_modules"] = args.target_modules
     diff = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
     if diff:
         raise SystemExit(f"--experts-from: {src} was trained differently (saved, now): {diff}")
@@ -251,7 +256,9 @@ def main(argv=None) -> dict:
         layers = None
     elif args.layers.startswith("auto:"):
         train_rows = safety_data.load_split("train")
-        config = mogu.select_layers(model, tokenizer, mogu.MoGUConfig(layers=args.layers), train_rows, val_rows,
+        config = mogu.select_layers(model, tokenizer, mogu.MoGUConfig(layers=args.layers,
+                                                                      target_modules=args.target_modules),
+                                    train_rows, val_rows,
                                     out=os.path.join(out, "probe"), batch_size=args.gen_batch_size,
                                     progress=progress)
         layers = config.layers
@@ -297,6 +304,7 @@ def main(argv=None) -> dict:
                 step(f"seed{seed}_reuse_{expert}")
                 continue
             res = mogu.train_expert(model, tokenizer, expert, a, r, os.path.join(run, expert), layers=layers,
+                                    target_modules=args.target_modules,
                                     lr=args.expert_lr, epochs=args.expert_epochs, pairs_per_step=args.pairs_per_step,
                                     seed=seed, **common)
             print(f"seed {seed} {expert}: {res.global_step} steps, loss {res.losses[0]:.3f} -> {res.losses[-1]:.3f}",
@@ -309,7 +317,7 @@ def main(argv=None) -> dict:
             # then set the heads from the probe; train_router loads the experts into this model.
             if mogu.is_patched(model):
                 mogu.unpatch(model)
-            mogu.patch_model(model, mogu.MoGUConfig(layers=layers))
+            mogu.patch_model(model, mogu.MoGUConfig(layers=layers, target_modules=args.target_modules))
             probe_accuracy = mogu.init_routers_from_probe(
                 model, tokenizer, router_rows, logit_std=args.probe_logit_std or None,
                 batch_size=args.gen_batch_size, progress=progress)
