@@ -99,9 +99,8 @@ def run_calibrate(args) -> int:
 
 
 def run_probe(args) -> int:
-    from ..evaluation.probing import probe_layers
-
     from ..config import MoGUConfig
+    from ..evaluation.probing import probe_layers
 
     check_positive(args, "batch_size", "top")
     if not 0.0 <= args.benign_rate < 1.0:

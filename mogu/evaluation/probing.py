@@ -327,7 +327,8 @@ def probe_layers(model: nn.Module, tokenizer, train: Rows, heldout: Rows, *, out
     acc, acc_tr, nll = _scores(logits_tr, logits_te, y_tr, y_te)
     malicious = y_te.bool()
     recall = recall_at_benign_rate(logits_te, malicious, benign_rate)
-    categories = sorted({r["category"] for r, bad in zip(heldout_rows, malicious.tolist()) if bad and r.get("category")})
+    categories = sorted({r["category"] for r, bad in zip(heldout_rows, malicious.tolist())
+                         if bad and r.get("category")})
     by_category = {cat: recall_at_benign_rate(logits_te, malicious, benign_rate,
                                               among=torch.tensor([r.get("category") == cat for r in heldout_rows]))
                    .tolist() for cat in categories}
