@@ -40,7 +40,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save_file
 
 from .config import EXPERTS, ROUTER_HEADS, MoGUConfig
-from .patching import find_targets, is_patched, patch_model, patched_modules, unpatch
+from .patching import all_targets, find_targets, is_patched, patch_model, patched_modules, unpatch
 
 OWN_CONFIG = "mogu_config.json"
 OWN_WEIGHTS = "mogu_model.safetensors"
@@ -186,6 +186,33 @@ def match_module(name: str, modules: "OrderedDict[str, nn.Module]") -> Optional[
         if candidate.endswith("." + name) or name.endswith("." + candidate):
             return candidate
     return None
+
+
+def _after_layer_index(path: str) -> str:
+    """'model.layers.19.mlp.down_proj' -> 'mlp.down_proj': the path after its last numeric
+    part (the layer index); the whole path when it has none."""
+    parts = path.split(".")
+    numeric = [i for i, p in enumerate(parts[:-1]) if p.isdigit()]
+    return ".".join(parts[numeric[-1] + 1:]) if numeric else path
+
+
+def targets_of_adapter(model: nn.Module, config: MoGUConfig, lora_modules: Sequence[str]) -> MoGUConfig:
+    """``config`` with ``target_modules`` read off an adapter's LoRA module paths, when it
+    names none and the model family's default target (e.g. ``self_attn.o_proj``) does not
+    cover them all: experts trained on another projection (``train_expert(target_modules=
+    ["mlp.down_proj"])``) or for a family without a default. The suffix of each path after
+    its layer index becomes a target. Any other case (explicit targets, a patched model, a
+    default that covers the adapter) returns ``config`` unchanged."""
+    if config.target_modules or is_patched(model) or not lora_modules:
+        return config
+    try:
+        default = OrderedDict(all_targets(model, MoGUConfig(**{**config.to_dict(), "layers": None})))
+        if all(match_module(m, default) is not None for m in lora_modules):
+            return config
+    except ValueError:                      # no default target for this family, or none in the model
+        pass
+    suffixes = sorted({_after_layer_index(m) for m in lora_modules})
+    return MoGUConfig(**{**config.to_dict(), "target_modules": suffixes})
 
 
 # --------------------------------------------------------- published release
@@ -421,6 +448,7 @@ def read_experts(model: nn.Module, glad, unwill, config: Optional[MoGUConfig] = 
     r, lora_alpha = int(cfg_u["r"]), float(cfg_u["lora_alpha"])
     config = _config_or_error(src_u, {**base.to_dict(), "r": r, "lora_alpha": lora_alpha,
                                       "lora_dropout": float(cfg_u.get("lora_dropout", base.lora_dropout))})
+    config = targets_of_adapter(model, config, _lora_modules(adapters["unwill"][1]))
     modules = _module_index(model, config)
     parsed = {e: _parse_adapter(adapters[e][1], adapters[e][2], modules, r) for e in EXPERTS}
     experts = {n: (torch.stack([parsed[e][n]["A"] for e in EXPERTS]), torch.stack([parsed[e][n]["B"] for e in EXPERTS]))
@@ -445,8 +473,13 @@ def read_adapter_config(folder, expert: str = "adapter") -> dict:
 def adapter_modules(folder, expert: str = "adapter") -> List[str]:
     """The module paths a peft adapter folder holds LoRA weights for (as written in its keys,
     ``base_model.model.`` dropped), in file order, each once; the file is fully checked."""
+    return _lora_modules(_read_adapter(folder, expert)[1])
+
+
+def _lora_modules(tensors: Dict[str, torch.Tensor]) -> List[str]:
+    """The module paths of an adapter's LoRA keys, in key order, each once."""
     out: List[str] = []
-    for key in _read_adapter(folder, expert)[1]:
+    for key in tensors:
         m = _PEFT_KEY.match(key)
         if m and m.group("module") not in out:
             out.append(m.group("module"))

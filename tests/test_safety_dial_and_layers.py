@@ -446,6 +446,35 @@ def test_experts_and_routers_on_chosen_layers_and_joint_adaptation(tok, tmp_path
                           tmp_path / "r2", expert_lr=1e-3, **FAST)
 
 
+@pytest.mark.parametrize("layers", [None, [0, 2]])
+def test_experts_on_another_projection_carry_their_target_into_stage_2(tok, tmp_path, layers):
+    """Experts trained on mlp.down_proj (not the family's o_proj): train_router and
+    load_experts take the target (and the layers) from the adapters; the saved MoGU folder
+    loads onto a fresh model with the same patched modules and outputs."""
+    affirm = [{"instruction": r["instruction"], "output": r["output"]} for r in two_class_rows(4)]
+    reject = [{"instruction": r["instruction"], "output": words([80, 81])} for r in two_class_rows(4)]
+    a, r = tmp_path / "a.json", tmp_path / "r.json"
+    a.write_text(json.dumps(affirm))
+    r.write_text(json.dumps(reject))
+    model = tiny_llama(layers=3)
+    for expert in ("glad", "unwill"):
+        mogu.train_expert(model, tok, expert, str(a), str(r), tmp_path / expert, target_modules=["mlp.down_proj"],
+                          layers=layers, r=4, lr=1e-2, max_steps=1, pairs_per_step=2, batch_size=2, **FAST)
+    expected = [f"model.layers.{i}.mlp.down_proj" for i in (layers or [0, 1, 2])]
+    fresh = mogu.training.load_experts(tiny_llama(layers=3), tmp_path / "glad", tmp_path / "unwill")
+    assert list(mogu.patched_modules(fresh)) == expected
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in two_class_rows(4)))
+    mogu.train_router(model, tok, tmp_path / "glad", tmp_path / "unwill", str(data), tmp_path / "router",
+                      router_hidden=8, lr=1e-2, examples_per_step=2, batch_size=2, max_steps=1, **FAST)
+    assert list(mogu.patched_modules(model)) == expected
+    assert model.mogu_config.target_modules == ["mlp.down_proj"] and model.mogu_config.layers == layers
+    loaded = mogu.load(tiny_llama(layers=3), str(tmp_path / "router" / "folded"))
+    assert list(mogu.patched_modules(loaded)) == expected
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(_ids()).logits, model.eval()(_ids()).logits, atol=1e-5)
+
+
 def test_cli_calibrate_and_probe_fail_with_one_line_before_loading(tmp_path, capsys):
     from mogu.cli import main
     val = tmp_path / "val.jsonl"

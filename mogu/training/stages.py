@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from .. import hf_compat
 from ..checkpoint import (adapter_modules, from_pretrained, load_official, match_module, read_adapter_config,
-                          read_safetensors, router_file_hidden, save_pretrained, write_checksums)
+                          read_safetensors, router_file_hidden, save_pretrained, targets_of_adapter,
+                          write_checksums)
 from ..checkpoint import load_experts as _load_experts
 from ..config import EXPERTS, ROUTER_HEADS, MoGUConfig
 from ..patching import all_targets, find_targets, is_patched, patch_model, patched_modules
@@ -59,6 +60,7 @@ def _expert_config(model: nn.Module, glad, unwill, base: Optional[MoGUConfig]) -
     r, alpha = key["glad"]
     dropout = float(cfg["unwill"].get("lora_dropout", base.lora_dropout))
     config = MoGUConfig(**{**base.to_dict(), "r": r, "lora_alpha": alpha, "lora_dropout": dropout})
+    config = targets_of_adapter(model, config, adapter_modules(glad))     # experts on another projection
     if config.layers is None and not is_patched(model):
         config = MoGUConfig(**{**config.to_dict(), "layers": _adapter_layers(model, config, glad)})
     return config
