@@ -414,15 +414,21 @@ def test_calibrate_end_to_end_writes_curve_and_folder(release, tok, tmp_path):
 
 
 # ------------------------------------------------------ training with layers
-def test_experts_and_routers_on_chosen_layers_and_joint_adaptation(tok, tmp_path):
-    affirm = [{"instruction": r["instruction"], "output": r["output"]} for r in two_class_rows(6)]
-    reject = [{"instruction": r["instruction"], "output": words([80, 81])} for r in two_class_rows(6)]
+def _pair_files(tmp_path, n):
+    """Stage-1 pair files of n two-class rows: (affirm path, reject path) as str."""
+    affirm = [{"instruction": r["instruction"], "output": r["output"]} for r in two_class_rows(n)]
+    reject = [{"instruction": r["instruction"], "output": words([80, 81])} for r in two_class_rows(n)]
     a, r = tmp_path / "a.json", tmp_path / "r.json"
     a.write_text(json.dumps(affirm))
     r.write_text(json.dumps(reject))
+    return str(a), str(r)
+
+
+def test_experts_and_routers_on_chosen_layers_and_joint_adaptation(tok, tmp_path):
+    a, r = _pair_files(tmp_path, 6)
     model = tiny_llama(layers=3)
     for expert in ("glad", "unwill"):
-        mogu.train_expert(model, tok, expert, str(a), str(r), tmp_path / expert, layers=[1, 2], r=4, lr=1e-2,
+        mogu.train_expert(model, tok, expert, a, r, tmp_path / expert, layers=[1, 2], r=4, lr=1e-2,
                           epochs=1, pairs_per_step=2, batch_size=2, **FAST)
     from safetensors.torch import load_file
     keys = load_file(str(tmp_path / "glad" / "adapter_model.safetensors"))
@@ -451,14 +457,10 @@ def test_experts_on_another_projection_carry_their_target_into_stage_2(tok, tmp_
     """Experts trained on mlp.down_proj (not the family's o_proj): train_router and
     load_experts take the target (and the layers) from the adapters; the saved MoGU folder
     loads onto a fresh model with the same patched modules and outputs."""
-    affirm = [{"instruction": r["instruction"], "output": r["output"]} for r in two_class_rows(4)]
-    reject = [{"instruction": r["instruction"], "output": words([80, 81])} for r in two_class_rows(4)]
-    a, r = tmp_path / "a.json", tmp_path / "r.json"
-    a.write_text(json.dumps(affirm))
-    r.write_text(json.dumps(reject))
+    a, r = _pair_files(tmp_path, 4)
     model = tiny_llama(layers=3)
     for expert in ("glad", "unwill"):
-        mogu.train_expert(model, tok, expert, str(a), str(r), tmp_path / expert, target_modules=["mlp.down_proj"],
+        mogu.train_expert(model, tok, expert, a, r, tmp_path / expert, target_modules=["mlp.down_proj"],
                           layers=layers, r=4, lr=1e-2, max_steps=1, pairs_per_step=2, batch_size=2, **FAST)
     expected = [f"model.layers.{i}.mlp.down_proj" for i in (layers or [0, 1, 2])]
     fresh = mogu.training.load_experts(tiny_llama(layers=3), tmp_path / "glad", tmp_path / "unwill")
