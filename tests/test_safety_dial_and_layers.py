@@ -210,7 +210,9 @@ def test_probe_cli_reports_recall_per_category(tok, tmp_path, capsys):
     assert report["modules"] == [f"model.layers.{l}.mlp.down_proj" for l in range(3)]
     assert report["benign_rate"] == 0.1 and len(report["recall"]) == 3
     assert sorted(report["recall_by_category"]) == ["jailbreak", "malicious"]
-    assert all(0.0 <= v <= 1.0 for v in report["recall"] + sum(report["recall_by_category"].values(), []))
+    # the two classes use disjoint words, so every layer's probe separates them (held-out accuracy
+    # 1.0 on this model): a recall of zeros, or one that ignores the threshold rule's direction, fails
+    assert min(report["recall"] + sum(report["recall_by_category"].values(), [])) >= 0.75, report
     assert "malicious caught at 10% benign" in printed and "jailbreak" in printed
     assert "probe: highest recall at 10% benign: layer" in printed
 

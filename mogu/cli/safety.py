@@ -100,11 +100,10 @@ def run_calibrate(args) -> int:
 
 def run_probe(args) -> int:
     from ..config import MoGUConfig
-    from ..evaluation.probing import probe_layers
+    from ..evaluation.probing import check_benign_rate, probe_layers
 
     check_positive(args, "batch_size", "top")
-    if not 0.0 <= args.benign_rate < 1.0:
-        raise ValueError(f"--benign-rate must be in [0, 1), got {args.benign_rate}")
+    check_benign_rate(args.benign_rate, "--benign-rate")              # before the model loads
     train, heldout = _rows(args.train), _rows(args.heldout)      # checked before the model loads
     args.out = check_out(args.out)
     check_model(args, "probe")

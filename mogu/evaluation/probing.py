@@ -245,6 +245,12 @@ def _scores(tr: torch.Tensor, te: torch.Tensor, train_y: torch.Tensor, test_y: t
     return acc_te, acc_tr, nll
 
 
+def check_benign_rate(benign_rate: float, who: str) -> None:
+    """ValueError naming ``who`` unless 0 <= benign_rate < 1 (the recall read-out's rate)."""
+    if not 0.0 <= float(benign_rate) < 1.0:
+        raise ValueError(f"{who}: benign_rate must be in [0, 1), got {benign_rate!r}")
+
+
 def recall_at_benign_rate(logits: torch.Tensor, malicious: torch.Tensor, benign_rate: float = 0.05,
                           among: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per layer, the share of malicious rows a probe catches at a benign refusal rate.
@@ -257,8 +263,7 @@ def recall_at_benign_rate(logits: torch.Tensor, malicious: torch.Tensor, benign_
     score. Returns (L,) float64 in [0, 1]: the share of counted rows strictly above it.
     ValueError without benign rows or counted rows, or for a rate outside [0, 1).
     """
-    if not 0.0 <= float(benign_rate) < 1.0:
-        raise ValueError(f"benign_rate must be in [0, 1), got {benign_rate!r}")
+    check_benign_rate(benign_rate, "recall_at_benign_rate")
     malicious = malicious.bool()
     counted = malicious if among is None else (among.bool() & malicious)
     negatives = logits[:, ~malicious]
@@ -314,8 +319,7 @@ def probe_layers(model: nn.Module, tokenizer, train: Rows, heldout: Rows, *, out
     benign_rate: the operating point of the recall read-out (:func:`recall_at_benign_rate`).
     Returns ProbeResult.
     """
-    if not 0.0 <= float(benign_rate) < 1.0:
-        raise ValueError(f"probe_layers: benign_rate must be in [0, 1), got {benign_rate!r}")
+    check_benign_rate(benign_rate, "probe_layers")                  # before the forward passes
     train_rows, heldout_rows = _rows(train, "train"), _rows(heldout, "heldout")
     names, x_tr = layer_features(model, tokenizer, train_rows, config=config, system=system,
                                  batch_size=batch_size, progress=progress)

@@ -60,20 +60,22 @@ def _expert_config(model: nn.Module, glad, unwill, base: Optional[MoGUConfig]) -
     r, alpha = key["glad"]
     dropout = float(cfg["unwill"].get("lora_dropout", base.lora_dropout))
     config = MoGUConfig(**{**base.to_dict(), "r": r, "lora_alpha": alpha, "lora_dropout": dropout})
-    config = targets_of_adapter(model, config, adapter_modules(glad))     # experts on another projection
+    lora_modules = adapter_modules(glad)                                   # read once, used twice
+    config = targets_of_adapter(model, config, lora_modules)               # experts on another projection
     if config.layers is None and not is_patched(model):
-        config = MoGUConfig(**{**config.to_dict(), "layers": _adapter_layers(model, config, glad)})
+        config = MoGUConfig(**{**config.to_dict(), "layers": _adapter_layers(model, config, lora_modules)})
     return config
 
 
-def _adapter_layers(model: nn.Module, config: MoGUConfig, folder) -> Optional[List[int]]:
-    """The target-module indices an adapter folder covers, or None when it covers them all
-    (experts trained with ``layers=`` carry LoRA on those layers only)."""
+def _adapter_layers(model: nn.Module, config: MoGUConfig, lora_modules: List[str]) -> Optional[List[int]]:
+    """The target-module indices an adapter's LoRA module paths (``adapter_modules``) cover,
+    or None when they cover them all (experts trained with ``layers=`` carry LoRA on those
+    layers only)."""
     names = [n for n, _ in all_targets(model, config)]
     index = {n: i for i, n in enumerate(names)}
     modules = OrderedDict((n, None) for n in names)
     covered = set()
-    for module in adapter_modules(folder):
+    for module in lora_modules:
         target = match_module(module, modules)
         if target is not None:
             covered.add(index[target])
