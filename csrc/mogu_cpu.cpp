@@ -483,18 +483,20 @@ MOGU_CPU_KERNELS(c10::BFloat16, float)
 //       it; below kBrgemmShrinkMinRows without it, on the generic dot kernel.
 //   c'. per unit of kBrgemmRows rows x all columns (kColumns-wide groups when there are too
 //       few rows for the threads): gates as in (c), t = s * mix * z rounded to bf16 (the
-//       reference rounds the rank-space activations to x's dtype too), delta = t [B]^T by
-//       brgemm into an fp32 buffer in L2, then y = gs * (y + b) + delta, one read and one
-//       write of y, row by row.
-// The packings (S: (Er + 3E) x K, [B_0 | ..]: N x Er) are per call, O((N + K) Er); no tensor
-// is cached between calls.
+//       reference rounds the rank-space activations to x's dtype too), then
+//       y = gs * (y + b) + t [B]^T, one read and one write of y. Where the CPU has
+//       AVX512-BF16, delta = t [B]^T is made 16 columns at a time in registers by dot products
+//       inside that pass (expand_combine_bf16); without it, by brgemm into an fp32 buffer in
+//       L2 that the pass reads back (combine_bf16).
+// The packings (S: (Er + 3E) x K, v split: 3E x K, [B_0 | ..]: N x Er), O((N + K) Er), are
+// kept between calls while their source tensors stay unchanged (packed_operand).
 #if defined(MOGU_HAVE_BRGEMM)
 
 // Shrink: the brgemm (after packing S, O(Er K)) from this many rows on; below it, the
 // AVX512-BF16 dot kernel (no packing) where the CPU has one, else from kBrgemmShrinkMinRows.
 constexpr int64_t kBrgemmShrinkRows = 96;
 constexpr int64_t kBrgemmShrinkMinRows = 4;
-constexpr int64_t kBrgemmRows = 32;          // rows per expand unit (delta: 32 x N fp32)
+constexpr int64_t kBrgemmRows = 32;          // rows per epilogue unit (brgemm delta: 32 x N fp32)
 
 using bf16 = c10::BFloat16;
 
@@ -593,6 +595,55 @@ MOGU_DPBF16_TARGET void dot_bf16(const bf16* x, int64_t ldx, int64_t m0, int64_t
   int64_t m = m0;
   for (; m + 4 <= m1; m += 4) dot_bf16_rows<4>(x + m * ldx, ldx, S, lds, C, K, out + m * ldo, ldo);
   for (; m < m1; ++m) dot_bf16_rows<1>(x + m * ldx, ldx, S, lds, C, K, out + m * ldo, ldo);
+}
+
+// The expand and the combine of (c') in one pass over RX rows of y, columns [n0, n1):
+//   y[i, n] = gs[i] * (y[i, n] + bias_chunk[n - n0]) + sum_p t_i[p] . Bp[p][n],
+// the sum over the P bf16 pairs p of t_i (rows of tp, stride ldt pairs) and of B (Bp: P rows
+// of N column pairs, the layout pack_expand_bf16 writes) by AVX512-BF16 dot products with
+// fp32 accumulation, 16 columns at a time (the last partial vector masked). The delta never
+// leaves the registers: the brgemm this replaces wrote it as an fp32 tile for the combine to
+// read back, which measured ~5% of a bf16 call at M = 256 (and the combine ~4%). Each Bp
+// vector serves RX rows. The result is rounded to bf16 to nearest even.
+template <int RX>
+MOGU_DPBF16_TARGET void expand_combine_rows(bf16* y, int64_t ldy, const uint32_t* tp, int64_t ldt, const uint32_t* Bp,
+                                            int64_t N, int64_t P, const float* bias_chunk, const float* gs,
+                                            int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 16) {
+    const __mmask16 mask = n + 16 <= n1 ? static_cast<__mmask16>(0xFFFF)
+                                        : static_cast<__mmask16>((1u << (n1 - n)) - 1);
+    __m512 acc[RX];
+    for (int i = 0; i < RX; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < P; ++p) {
+      const __m512bh b = (__m512bh)_mm512_maskz_loadu_epi32(mask, Bp + p * N + n);
+      for (int i = 0; i < RX; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(static_cast<int>(tp[i * ldt + p])), b);
+    }
+    const __m512 bias = _mm512_maskz_loadu_ps(mask, bias_chunk + (n - n0));
+    for (int i = 0; i < RX; ++i) {
+      bf16* yi = y + i * ldy + n;
+      const __m512 yv = _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, yi)), 16));
+      const __m512 out = _mm512_fmadd_ps(_mm512_set1_ps(gs[i]), _mm512_add_ps(yv, bias), acc[i]);
+      _mm256_mask_storeu_epi16(yi, mask, (__m256i)_mm512_cvtneps_pbh(out));
+    }
+  }
+}
+
+// Rows [0, rows) of y (see expand_combine_rows), eight rows at a time.
+MOGU_DPBF16_TARGET void expand_combine_bf16(bf16* y, int64_t ldy, const bf16* t, int64_t ERp, const uint16_t* Bp,
+                                            int64_t N, const float* bias_chunk, const float* gs, int64_t rows,
+                                            int64_t n0, int64_t n1) {
+  const uint32_t* tp = reinterpret_cast<const uint32_t*>(t);
+  const uint32_t* bp = reinterpret_cast<const uint32_t*>(Bp);
+  const int64_t P = ERp / 2;
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8)
+    expand_combine_rows<8>(y + r * ldy, ldy, tp + r * P, P, bp, N, P, bias_chunk, gs + r, n0, n1);
+  for (; r + 4 <= rows; r += 4)
+    expand_combine_rows<4>(y + r * ldy, ldy, tp + r * P, P, bp, N, P, bias_chunk, gs + r, n0, n1);
+  for (; r < rows; ++r)
+    expand_combine_rows<1>(y + r * ldy, ldy, tp + r * P, P, bp, N, P, bias_chunk, gs + r, n0, n1);
 }
 
 bool cpu_has_avx512_bf16() {
@@ -904,13 +955,20 @@ void forward_bf16_brgemm(ForwardCall& f, const Tensor& weight, double scaling) {
   const int64_t col_groups = row_units >= 2 * at::get_num_threads() ? 1 : (N + kColumns - 1) / kColumns;
   const int64_t group_cols = col_groups == 1 ? N : kColumns;
   const int64_t unit_work = std::min(M, kBrgemmRows) * group_cols * (ER + 2);
+  // The expand by AVX512-BF16 dot products inside the combine where the CPU has them
+  // (expand_combine_bf16), else by brgemm into an fp32 tile, combined after.
+#if defined(MOGU_HAVE_DPBF16)
+  const bool dot_expand = cpu_has_avx512_bf16();
+#else
+  const bool dot_expand = false;
+#endif
   at::parallel_for(0, row_units * col_groups, std::max<int64_t>(1, kMinWorkPerTask / unit_work),
                    [&](int64_t u0, int64_t u1) {
     const int64_t mb_max = std::min(M, kBrgemmRows);
     float* ts = scratch<float, 3>(mb_max * (ER + 1));
     bf16* tb = scratch<bf16, 4>(mb_max * ERp);
     float* gs = scratch<float, 5>(mb_max);
-    float* delta = scratch<float, 6>(mb_max * group_cols);
+    float* delta = dot_expand ? nullptr : scratch<float, 6>(mb_max * group_cols);
     float* bias_chunk = scratch<float, 7>(group_cols);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t m0 = (u / col_groups) * kBrgemmRows, n0 = (u % col_groups) * group_cols;
@@ -923,13 +981,19 @@ void forward_bf16_brgemm(ForwardCall& f, const Tensor& weight, double scaling) {
         gs[r] = t[ER];
       }
       for (int64_t i = 0; i < nb; ++i) bias_chunk[i] = b_ptr != nullptr ? static_cast<float>(b_ptr[n0 + i]) : 0.0f;
+#if defined(MOGU_HAVE_DPBF16)
+      if (dot_expand) {
+        expand_combine_bf16(y_ptr + m0 * N, N, tb, ERp, Bp.data, N, bias_chunk, gs, m1 - m0, n0, n1);
+        continue;
+      }
+#endif
       // delta (rows x nb) in one brgemm: each call looks its kernel up in a hash table (0.7% of
       // a bf16 call at M = 256 when this was eight kColumns-wide calls per unit).
       cpublas::brgemm(m1 - m0, nb, ERp, ERp, N, nb, /*add_C=*/false, tb,
                       reinterpret_cast<const bf16*>(Bp.data) + n0 * 2, delta);
       combine_bf16(y_ptr + m0 * N + n0, N, delta, nb, bias_chunk, gs, m1 - m0, nb);
     }
-    cpublas::brgemm_release();
+    if (!dot_expand) cpublas::brgemm_release();
   });
 }
 
