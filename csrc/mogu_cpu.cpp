@@ -599,14 +599,14 @@ MOGU_DPBF16_TARGET void dot_bf16(const bf16* x, int64_t ldx, int64_t m0, int64_t
 
 // The expand and the combine of (c') in one pass over RX rows of y, columns [n0, n1):
 //   y[i, n] = gs[i] * (y[i, n] + bias_chunk[n - n0]) + sum_p t_i[p] . Bp[p][n],
-// the sum over the P bf16 pairs p of t_i (rows of tp, stride ldt pairs) and of B (Bp: P rows
-// of N column pairs, the layout pack_expand_bf16 writes) by AVX512-BF16 dot products with
+// the sum over the P bf16 pairs p of t_i (rows of t, stride ldt) and of B (Bp: P rows of N
+// column pairs, the layout pack_expand_bf16 writes) by AVX512-BF16 dot products with
 // fp32 accumulation, 16 columns at a time (the last partial vector masked). The delta never
-// leaves the registers: the brgemm this replaces wrote it as an fp32 tile for the combine to
-// read back, which measured ~5% of a bf16 call at M = 256 (and the combine ~4%). Each Bp
-// vector serves RX rows. The result is rounded to bf16 to nearest even.
+// leaves the registers; the brgemm expand (CPUs without AVX512-BF16) writes it as an fp32
+// tile for combine_bf16 to read back, ~5% of a bf16 call at M = 256 (the combine ~4%). Each
+// Bp vector serves RX rows. The result is rounded to bf16 to nearest even.
 template <int RX>
-MOGU_DPBF16_TARGET void expand_combine_rows(bf16* y, int64_t ldy, const uint32_t* tp, int64_t ldt, const uint32_t* Bp,
+MOGU_DPBF16_TARGET void expand_combine_rows(bf16* y, int64_t ldy, const bf16* t, int64_t ldt, const uint16_t* Bp,
                                             int64_t N, int64_t P, const float* bias_chunk, const float* gs,
                                             int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n += 16) {
@@ -615,9 +615,12 @@ MOGU_DPBF16_TARGET void expand_combine_rows(bf16* y, int64_t ldy, const uint32_t
     __m512 acc[RX];
     for (int i = 0; i < RX; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t p = 0; p < P; ++p) {
-      const __m512bh b = (__m512bh)_mm512_maskz_loadu_epi32(mask, Bp + p * N + n);
-      for (int i = 0; i < RX; ++i)
-        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(static_cast<int>(tp[i * ldt + p])), b);
+      const __m512bh b = (__m512bh)_mm512_maskz_loadu_epi32(mask, Bp + (p * N + n) * 2);
+      for (int i = 0; i < RX; ++i) {
+        int pair;  // t_i's bf16 pair p, read as one 32-bit lane (memcpy: no aliasing of bf16 as int)
+        __builtin_memcpy(&pair, t + i * ldt + 2 * p, sizeof(pair));
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(pair), b);
+      }
     }
     const __m512 bias = _mm512_maskz_loadu_ps(mask, bias_chunk + (n - n0));
     for (int i = 0; i < RX; ++i) {
@@ -634,16 +637,14 @@ MOGU_DPBF16_TARGET void expand_combine_rows(bf16* y, int64_t ldy, const uint32_t
 MOGU_DPBF16_TARGET void expand_combine_bf16(bf16* y, int64_t ldy, const bf16* t, int64_t ERp, const uint16_t* Bp,
                                             int64_t N, const float* bias_chunk, const float* gs, int64_t rows,
                                             int64_t n0, int64_t n1) {
-  const uint32_t* tp = reinterpret_cast<const uint32_t*>(t);
-  const uint32_t* bp = reinterpret_cast<const uint32_t*>(Bp);
   const int64_t P = ERp / 2;
   int64_t r = 0;
   for (; r + 8 <= rows; r += 8)
-    expand_combine_rows<8>(y + r * ldy, ldy, tp + r * P, P, bp, N, P, bias_chunk, gs + r, n0, n1);
+    expand_combine_rows<8>(y + r * ldy, ldy, t + r * ERp, ERp, Bp, N, P, bias_chunk, gs + r, n0, n1);
   for (; r + 4 <= rows; r += 4)
-    expand_combine_rows<4>(y + r * ldy, ldy, tp + r * P, P, bp, N, P, bias_chunk, gs + r, n0, n1);
+    expand_combine_rows<4>(y + r * ldy, ldy, t + r * ERp, ERp, Bp, N, P, bias_chunk, gs + r, n0, n1);
   for (; r < rows; ++r)
-    expand_combine_rows<1>(y + r * ldy, ldy, tp + r * P, P, bp, N, P, bias_chunk, gs + r, n0, n1);
+    expand_combine_rows<1>(y + r * ldy, ldy, t + r * ERp, ERp, Bp, N, P, bias_chunk, gs + r, n0, n1);
 }
 
 bool cpu_has_avx512_bf16() {
