@@ -561,7 +561,7 @@ bool bf16_path_allows(int level) {
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define MOGU_HAVE_DPBF16 1
-#define MOGU_DPBF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define MOGU_DPBF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 // out[i * ldo + c] = x_i . S_c for RX rows of x (stride ldx) and the C rows of S (stride lds),
 // with AVX512-BF16 dot products of bf16 pairs accumulated in fp32 (any K: the last partial
@@ -604,7 +604,7 @@ MOGU_DPBF16_TARGET void dot_bf16(const bf16* x, int64_t ldx, int64_t m0, int64_t
 // fp32 accumulation, 16 columns at a time (the last partial vector masked). The delta never
 // leaves the registers; the brgemm expand (CPUs without AVX512-BF16) writes it as an fp32
 // tile for combine_bf16 to read back, ~5% of a bf16 call at M = 256 (the combine ~4%). Each
-// Bp vector serves RX rows. The result is rounded to bf16 to nearest even.
+// Bp vector serves RX rows. The result is rounded to bf16 bit for bit as c10 rounds.
 template <int RX>
 MOGU_DPBF16_TARGET void expand_combine_rows(bf16* y, int64_t ldy, const bf16* t, int64_t ldt, const uint16_t* Bp,
                                             int64_t N, int64_t P, const float* bias_chunk, const float* gs,
@@ -628,7 +628,15 @@ MOGU_DPBF16_TARGET void expand_combine_rows(bf16* y, int64_t ldy, const bf16* t,
       const __m512 yv = _mm512_castsi512_ps(
           _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, yi)), 16));
       const __m512 out = _mm512_fmadd_ps(_mm512_set1_ps(gs[i]), _mm512_add_ps(yv, bias), acc[i]);
-      _mm256_mask_storeu_epi16(yi, mask, (__m256i)_mm512_cvtneps_pbh(out));
+      // vcvtneps2bf16 rounds normal values to nearest even as c10::BFloat16 does, but treats
+      // denormal inputs as zero and keeps NaN payloads; lanes holding either (rare: one
+      // vfpclassps tells) take to_bf16_bits, so the result is c10's bit for bit.
+      __m256i bits = (__m256i)_mm512_cvtneps_pbh(out);
+      if (_mm512_fpclass_ps_mask(out, 0x81 | 0x20) != 0) {  // QNaN | SNaN, denormal
+        const vu16x16 exact = to_bf16_bits((vfloat)out);
+        bits = (__m256i)exact;
+      }
+      _mm256_mask_storeu_epi16(yi, mask, bits);
     }
   }
 }
@@ -649,7 +657,8 @@ MOGU_DPBF16_TARGET void expand_combine_bf16(bf16* y, int64_t ldy, const bf16* t,
 
 bool cpu_has_avx512_bf16() {
   static const bool has = bf16_path_allows(2) && __builtin_cpu_supports("avx512bf16") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq");
   return has;
 }
 #endif

@@ -391,7 +391,8 @@ def test_bf16_paths_of_other_cpus(path):
     env = dict(os.environ, MOGU_CPU_BF16_PATH=path,
                PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                           "test_half_precision_forward_on_cpu and bf16 or test_bf16_router_logits_keep_fp32"],
+                           "test_half_precision_forward_on_cpu and bf16 or test_bf16_router_logits_keep_fp32"
+                           " or test_bf16_output_rounds_denormals"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-500:]
@@ -431,6 +432,30 @@ def test_bf16_router_logits_keep_fp32_precision_for_large_x(M):
     assert float((saved[..., 2 * r:].double() - g_ref).abs().max()) < 1e-3
     rounded = torch.sigmoid(x.double() @ rw.to(torch.bfloat16).double().T + rb.double())
     assert float((rounded - g_ref).abs().max()) > 1e-2                      # what a bf16 router would give
+
+
+@needs_ext
+def test_bf16_output_rounds_denormals_and_nans_as_c10():
+    """bf16 y is rounded bit for bit as c10::BFloat16 rounds, also where the result is
+    denormal (gates ~1e-38 put gs * (x W^T + b) there) and where it is NaN (0x7FC0). AVX-512's
+    vcvtneps2bf16 would flush those results to zero and keep the NaN's sign and payload, so
+    the test fails on an epilogue that rounds with it alone. B is scaled by 1e-6, so the LoRA
+    term (< 1e-42) is far below half a denormal step and how the matrix units treat denormal
+    rank activations (they flush them) does not matter here.
+    21 rows and N = 300: the 8-, 4- and 1-row blocks and a masked column tail."""
+    M, K, N, r = 21, 514, 300, 8
+    x, w, b, A, B, rw, rb = make_args(M, K, N, r, 2, dtype=torch.bfloat16, seed=3)
+    B = (B.float() * 1e-6).to(torch.bfloat16)
+    rw, rb = rw * 1e-3, torch.tensor([-87.0, -87.5])                   # gates ~1e-38: fp32, normal
+    x[-1, 3] = float("nan")                                            # the last row: NaN through the op
+    y, _, _ = torch.ops.mogu_C.mogu_linear(x, w, b, A, B, rw, rb, 2.0, None)
+    y_ref, _ = spec_mogu_linear(x[:-1], w, b, A, B, rw, rb, 2.0)
+    tiny = 2.0 ** -133                                                 # bf16's smallest denormal step
+    denormal = (y_ref.abs() > 4 * tiny) & (y_ref.abs() < 2.0 ** -126)
+    assert int(denormal.sum()) > 100                                   # the case under test is there
+    err = (y[:-1].double() - y_ref).abs()
+    assert bool((err <= tiny + 1e-2 * y_ref.abs()).all()), float((err - 1e-2 * y_ref.abs()).max())
+    assert torch.equal(y[-1].view(torch.int16), torch.full((N,), 0x7FC0, dtype=torch.int16))
 
 
 # ----------------------------------------------------------------------------- backward
