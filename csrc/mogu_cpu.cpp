@@ -604,7 +604,7 @@ MOGU_DPBF16_TARGET void dot_bf16(const bf16* x, int64_t ldx, int64_t m0, int64_t
 // to two fp32 vectors (a shift, a mask) that serve RX rows. Every product of two bf16 values
 // is exact in fp32, so the sum is plain fp32 FMAs in the order c = 0, 1, ..: twice the
 // instructions of AVX512-BF16 dot products on pairs, but this CPU retires FMAs ~3.5x as fast
-// (6.3 vs 1.8 G/s, one core), which measured 2-4% of a bf16 call faster at M = 256. 16 columns
+// (6.3 vs 1.8 G/s, one core), which measured 2-3% of a bf16 call faster at M = 256. 16 columns
 // at a time (the last partial vector masked); the delta never leaves the registers (the
 // brgemm expand for CPUs without AVX512-BF16 writes it as an fp32 tile for combine_bf16 to
 // read back). The result is rounded to bf16 bit for bit as c10 rounds.
