@@ -93,6 +93,17 @@ T* scratch(size_t n) {
   return buf.data();
 }
 
+// scratch<T, kSlot> at a 64-byte boundary: for operands of the matrix unit, whose tile rows
+// are 64 bytes (a row split across two cache lines loads at half speed: measured 1.1-1.8x
+// slower calls with the plain vector's 16-byte alignment).
+template <typename T, int kSlot>
+T* aligned_scratch(size_t n) {
+  constexpr size_t kPad = 64 / sizeof(T);
+  T* p = scratch<T, kSlot>(n + kPad);
+  const uintptr_t at = (reinterpret_cast<uintptr_t>(p) + 63) & ~static_cast<uintptr_t>(63);
+  return reinterpret_cast<T*>(at);
+}
+
 // The (M, E) router logits of one call: written in step (a), read in step (c) by any thread.
 // The calling thread's scratch (taken before the parallel regions, which never use this
 // slot), so the call makes no allocation beyond its three outputs: at decode shapes an
@@ -488,6 +499,11 @@ MOGU_CPU_KERNELS(c10::BFloat16, float)
 //       AVX512-BF16, delta = t [B]^T is made 16 columns at a time in registers by fp32 FMAs
 //       inside that pass (expand_combine_bf16); without it, by brgemm into an fp32 buffer in
 //       L2 that the pass reads back (combine_bf16).
+//   b+c'', from kTransposedMinRows to kTransposedMaxRows rows where the CPU has AVX512-BF16:
+//       the base product computed transposed by brgemm tiles, each tile's epilogue (gates,
+//       bias, expand, rounding) while it is in L1 (base_and_epilogue_transposed), replacing
+//       oneDNN's product and the pass over y; the base product is then not rounded to bf16
+//       before the epilogue (one rounding of y, as for fp32 output).
 // The packings (S: (Er + 3E) x K, v split: 3E x K, [B_0 | ..]: N x Er), O((N + K) Er), are
 // kept between calls while their source tensors stay unchanged (packed_operand).
 #if defined(MOGU_HAVE_BRGEMM)
@@ -658,6 +674,113 @@ MOGU_DPBF16_TARGET void expand_combine_bf16(bf16* y, int64_t ldy, const float* t
     expand_combine_rows<4>(y + r * ldy, ldy, t + r * ERp, ERp, Bp, N, P, bias_chunk, gs + r, n0, n1);
   for (; r < rows; ++r)
     expand_combine_rows<1>(y + r * ldy, ldy, t + r * ERp, ERp, Bp, N, P, bias_chunk, gs + r, n0, n1);
+}
+
+// ---- bf16 from kTransposedMinRows rows: y^T = W x^T, so that y's epilogue runs on hot tiles.
+// oneDNN's x W^T repacks W (N x K) into the matrix unit's pair layout on every call and writes
+// y before the epilogue reads it back. Computed transposed, W's rows are brgemm's A operand
+// as they lie in memory (A needs no packing) and x^T is the packed operand (M x K, per call:
+// 1 MiB at M = 256, K = 2048, against 8 MiB of W). Each thread takes 64-row blocks of W; per
+// 64-row block of x it gets the fp32 tile C = W_blk x_blk^T (64 x 64, in L1) and writes
+//   y[m][n] = bf16(gs[m] * (C[n][m] + b[n]) + sum_c B[n][c] t[m][c])
+// transposed, 32 columns of y (one 64-byte line) per store. Rows of x go in superblocks of
+// kTransposedSuper so that the packed x^T stays in L2 while every block of W passes over it.
+constexpr int64_t kTransposedMinRows = 32;   // below it oneDNN's product + expand_combine_bf16 is faster
+constexpr int64_t kTransposedMaxRows = 512;  // above it W passes over L2 too often (x^T per superblock)
+constexpr int64_t kTransposedBlock = 64;   // rows of W and of x per brgemm tile
+constexpr int64_t kTransposedSuper = 256;  // rows of x per pass over W
+
+// 16 x 16 32-bit lanes transposed in registers: r[i] lane j <-> r[j] lane i.
+MOGU_DPBF16_TARGET MOGU_ALWAYS_INLINE void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
+// x rows [0, rows) (stride ldx, K even) -> xP (K/2, mbp) bf16 pairs as 32-bit lanes,
+// xP[kp][j] = (x[j][2kp], x[j][2kp + 1]): brgemm's packed B for the columns of x^T. Rows
+// rows .. mbp - 1 (mbp: rows rounded up to 16) are zero.
+MOGU_DPBF16_TARGET void pack_x_transposed(const bf16* x, int64_t ldx, int64_t rows, int64_t K, int64_t mbp,
+                                          uint32_t* MOGU_RESTRICT xP) {
+  const int64_t K2 = K / 2;
+  for (int64_t kp = 0; kp < K2; kp += 16) {
+    const int64_t kv = std::min<int64_t>(16, K2 - kp);
+    const __mmask16 kmask = static_cast<__mmask16>((1u << kv) - 1);
+    for (int64_t j = 0; j < mbp; j += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = j + i < rows ? _mm512_maskz_loadu_epi32(kmask, x + (j + i) * ldx + 2 * kp) : _mm512_setzero_si512();
+      transpose16x16(r);
+      for (int i = 0; i < kv; ++i) _mm512_storeu_si512(xP + (kp + i) * mbp + j, r[i]);
+    }
+  }
+}
+
+// 32 fp32 values (lo: columns 0-15, hi: 16-31) -> 32 bf16 bit patterns, bit for bit c10's
+// rounding (see expand_combine_rows).
+MOGU_DPBF16_TARGET MOGU_ALWAYS_INLINE __m512i to_bf16_x32(__m512 lo, __m512 hi) {
+  if ((_mm512_fpclass_ps_mask(lo, 0x81 | 0x20) | _mm512_fpclass_ps_mask(hi, 0x81 | 0x20)) == 0)
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  const vu16x16 l = to_bf16_bits((vfloat)lo), h = to_bf16_bits((vfloat)hi);
+  __m256i l256, h256;
+  __builtin_memcpy(&l256, &l, sizeof(l256));
+  __builtin_memcpy(&h256, &h, sizeof(h256));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(l256), h256, 1);
+}
+
+// The epilogue of one (nb x mbp) tile C (C[n][m], row stride mbp) of y^T:
+//   y[m][n] = gs[m] * (C[n][m] + bias[n]) + sum_c Bf[n][c] tT[c][m]
+// for n < nb, m < rows; tT (ERp, mbp): t rounded to bf16, held in fp32, zero past rows;
+// Bf (ERp, kTransposedBlock): B's columns in fp32, zero from column nb on (column-major, so
+// that the 16 broadcasts of one c are offsets from one pointer). 16 x 16 blocks in registers (n across the vectors, m
+// along them), transposed, two blocks per 64-byte store of a row of y.
+MOGU_DPBF16_TARGET void transposed_epilogue(const float* C, int64_t mbp, int64_t nb, int64_t rows, const float* tT,
+                                            int64_t ERp, const float* Bf, const float* bias, const float* gs,
+                                            bf16* y, int64_t ldy) {
+  for (int64_t j = 0; j < rows; j += 16) {
+    const __m512 g = _mm512_loadu_ps(gs + j);
+    for (int64_t i = 0; i < nb; i += 32) {
+      __m512i r[2][16];
+      for (int h = 0; h < 2; ++h) {
+        __m512 acc[16];
+        for (int a = 0; a < 16; ++a) {
+          const int64_t n = i + 16 * h + a;
+          acc[a] = n < nb ? _mm512_mul_ps(g, _mm512_add_ps(_mm512_loadu_ps(C + n * mbp + j), _mm512_set1_ps(bias[n])))
+                          : _mm512_setzero_ps();
+        }
+        for (int64_t c = 0; c < ERp; ++c) {  // constant trip counts: acc stays in registers
+          const __m512 tv = _mm512_loadu_ps(tT + c * mbp + j);
+          for (int a = 0; a < 16; ++a)
+            acc[a] = _mm512_fmadd_ps(_mm512_set1_ps(Bf[c * kTransposedBlock + i + 16 * h + a]), tv, acc[a]);
+        }
+        for (int a = 0; a < 16; ++a) r[h][a] = _mm512_castps_si512(acc[a]);
+        transpose16x16(r[h]);
+      }
+      const int64_t cols = std::min<int64_t>(32, nb - i);
+      const __mmask32 mask = cols == 32 ? ~static_cast<__mmask32>(0) : (static_cast<__mmask32>(1) << cols) - 1;
+      const int64_t m_end = std::min<int64_t>(16, rows - j);
+      for (int a = 0; a < m_end; ++a)
+        _mm512_mask_storeu_epi16(y + (j + a) * ldy + i, mask,
+                                 to_bf16_x32(_mm512_castsi512_ps(r[0][a]), _mm512_castsi512_ps(r[1][a])));
+    }
+  }
 }
 
 bool cpu_has_avx512_bf16() {
@@ -883,6 +1006,83 @@ bool bf16_brgemm_usable() {
   return usable;
 }
 
+#if defined(MOGU_HAVE_DPBF16)
+// Steps (b) and (c') from kTransposedMinRows rows on a CPU with AVX512-BF16: y^T = W x^T
+// tile by tile, each tile's epilogue (gates, bias, expand, rounding) while it is in L1 (see
+// transposed_epilogue). Per superblock of x rows: one parallel pass that gates the rows,
+// writes t^T and packs x^T (per 64-row block), then one over the 64-row blocks of W.
+void base_and_epilogue_transposed(ForwardCall& f, const Tensor& weight, const float* logits_ptr, float s) {
+  namespace cpublas = at::native::cpublas;
+  const int64_t M = f.d.M, K = f.d.K, N = f.d.N, E = f.d.E, R = f.d.R, ER = f.d.ER;
+  const int64_t ERp = ER + (ER & 1), K2 = K / 2, lda = weight.stride(0);
+  const bf16* x_ptr = f.x2.const_data_ptr<bf16>();
+  const int64_t ldx = f.x2.stride(0);
+  const bf16* w_ptr = weight.const_data_ptr<bf16>();
+  const bf16* b_ptr = f.bias.defined() ? f.bias.const_data_ptr<bf16>() : nullptr;
+  const bf16* B_ptr = f.B.const_data_ptr<bf16>();
+  const float* c_ptr = f.c.const_data_ptr<float>();
+  const bool* br_ptr = f.base_rows.defined() ? f.base_rows.const_data_ptr<bool>() : nullptr;
+  bf16* y_ptr = f.y.mutable_data_ptr<bf16>();
+  bf16* gates_ptr = f.gates.mutable_data_ptr<bf16>();
+  float* saved_ptr = f.saved.mutable_data_ptr<float>();
+  const Packed Bp = packed_operand<2>(0, {&f.B}, static_cast<size_t>(ERp * N),
+                                      [&](uint16_t* out) { pack_expand_bf16(B_ptr, E, N, R, out); });
+  const uint16_t* Bp_data = Bp.data;
+  constexpr int64_t kB = kTransposedBlock, kS = kTransposedSuper;
+  // The calling thread's scratch, shared by the threads of a pass (taken before the parallel
+  // regions, which never use these slots): x^T packed, t^T and gs for one superblock, each
+  // 64-row block at a fixed offset (its columns rounded up to 16, the padding zero).
+  uint32_t* xP = aligned_scratch<uint32_t, 9>(static_cast<size_t>(kS * K2));
+  float* tT = aligned_scratch<float, 10>(static_cast<size_t>(kS * ERp));
+  float* gsv = scratch<float, 11>(static_cast<size_t>(kS));
+  const int64_t n_blocks = (N + kB - 1) / kB;
+  for (int64_t s0 = 0; s0 < M; s0 += kS) {
+    const int64_t m_blocks = (std::min(kS, M - s0) + kB - 1) / kB;
+    at::parallel_for(0, m_blocks, 1, [&](int64_t b0, int64_t b1) {
+      float* ts = scratch<float, 3>(static_cast<size_t>(kB * (ER + 1)));
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t m0 = s0 + b * kB, rows = std::min(kB, M - m0), mbp = (rows + 15) / 16 * 16;
+        gate_rows(logits_ptr, c_ptr, br_ptr, m0, m0 + rows, E, R, s, /*write_gates=*/true, saved_ptr, gates_ptr, ts);
+        float* tT_b = tT + b * kB * ERp;
+        float* gs_b = gsv + b * kB;
+        for (int64_t j = 0; j < mbp; ++j) {
+          const float* t = ts + j * (ER + 1);
+          gs_b[j] = j < rows ? t[ER] : 0.0f;
+          for (int64_t c = 0; c < ERp; ++c)  // t rounded to bf16 as the reference rounds it
+            tT_b[c * mbp + j] = j < rows && c < ER ? static_cast<float>(static_cast<bf16>(t[c])) : 0.0f;
+        }
+        pack_x_transposed(x_ptr + m0 * ldx, ldx, rows, K, mbp, xP + b * kB * K2);
+      }
+    });
+    at::parallel_for(0, n_blocks, 1, [&](int64_t u0, int64_t u1) {
+      float* C = aligned_scratch<float, 13>(static_cast<size_t>(kB * kB));
+      float* Bf = scratch<float, 12>(static_cast<size_t>(kB * ERp));
+      float* bias_chunk = scratch<float, 7>(static_cast<size_t>(kB));
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t n0 = u * kB, nb = std::min(kB, N - n0);
+        // bias and B in fp32 for these columns, from the cached pairs (Bp), zero past nb
+        for (int64_t i = 0; i < kB; ++i)
+          bias_chunk[i] = i < nb && b_ptr != nullptr ? static_cast<float>(b_ptr[n0 + i]) : 0.0f;
+        for (int64_t c = 0; c < ERp; ++c)
+          for (int64_t i = 0; i < kB; ++i) {
+            const uint32_t bits =
+                i < nb ? static_cast<uint32_t>(Bp_data[((c / 2) * N + n0 + i) * 2 + (c & 1)]) << 16 : 0u;
+            __builtin_memcpy(Bf + c * kB + i, &bits, sizeof(bits));
+          }
+        for (int64_t b = 0; b < m_blocks; ++b) {
+          const int64_t m0 = s0 + b * kB, rows = std::min(kB, M - m0), mbp = (rows + 15) / 16 * 16;
+          cpublas::brgemm(nb, mbp, K, lda, mbp, mbp, /*add_C=*/false, w_ptr + n0 * lda,
+                          reinterpret_cast<const bf16*>(xP + b * kB * K2), C);
+          transposed_epilogue(C, mbp, nb, rows, tT + b * kB * ERp, ERp, Bf, bias_chunk, gsv + b * kB,
+                              y_ptr + m0 * N + n0, N);
+        }
+      }
+      cpublas::brgemm_release();
+    });
+  }
+}
+#endif
+
 // The whole forward for bf16 x with even K on a CPU with a bf16 brgemm (plan a', b, c').
 void forward_bf16_brgemm(ForwardCall& f, const Tensor& weight, double scaling) {
   namespace cpublas = at::native::cpublas;
@@ -956,6 +1156,14 @@ void forward_bf16_brgemm(ForwardCall& f, const Tensor& weight, double scaling) {
       }
     });
   }
+
+#if defined(MOGU_HAVE_DPBF16)
+  if (M >= kTransposedMinRows && M <= kTransposedMaxRows && cpu_has_avx512_bf16() && weight.stride(1) == 1 &&
+      weight.stride(0) >= K) {
+    base_and_epilogue_transposed(f, weight, logits_ptr, s);
+    return;
+  }
+#endif
 
   // (b) the base product.
   at::mm_out(f.y, f.x2, weight.t());

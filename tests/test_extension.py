@@ -460,19 +460,40 @@ def test_bf16_output_rounds_denormals_and_nans_as_c10():
 
 @needs_ext
 @pytest.mark.parametrize("M, K, N, r, E, bias", [(1, 256, 300, 8, 2, True), (13, 256, 300, 8, 2, False),
-                                                 (37, 130, 300, 5, 3, True), (300, 256, 300, 8, 2, True)])
+                                                 (37, 130, 300, 5, 3, True), (300, 256, 300, 8, 2, True),
+                                                 (530, 98, 70, 8, 2, True)])
 def test_bf16_error_is_the_rounding_of_y(threads, M, K, N, r, E, bias):
     """bf16 y within 4e-3 (by norm) of the float64 spec: what rounding the base product, the
     rank activations t and y to bf16 costs (2.4e-3 at most on the three CPU paths), where
     FWD_TOL's 1.5e-2 would pass an expand with half of its terms 2% off (a build whose FMA
     expand scaled the odd rank terms by 0.99 passed every other bf16 test). M = 1 / 13 / 37 /
-    300: the dot-kernel and the brgemm shrink, the 8-, 4- and 1-row blocks; N = 300: a masked
-    column tail; r = 5, E = 3: an odd Er (the padded pair)."""
+    300 / 530: the dot-kernel and the brgemm shrink, the 8-, 4- and 1-row blocks of the
+    in-register expand (M < 32 and > 512) and the transposed path between (two superblocks at
+    300, a 44-row block); N = 300 / 70: masked column tails; K = 130 / 98: a partial 16-pair
+    group in the x^T pack; r = 5, E = 3: an odd Er (the padded pair)."""
     x, w, b, A, B, rw, rb = make_args(M, K, N, r, E, bias=bias, dtype=torch.bfloat16, seed=M + 11)
     y, gates = mogu_kernels.mogu_linear(x, w, b, A, B, rw, rb, 1.75, backend="cpp")
     y_ref, g_ref = spec_mogu_linear(x, w, b, A, B, rw, rb, 1.75)
     assert rel_err(y, y_ref) < 4e-3, rel_err(y, y_ref)
     assert rel_err(gates, g_ref) < 4e-3
+
+
+@needs_ext
+@pytest.mark.parametrize("M", [40, 600])
+def test_bf16_weight_with_strides(threads, M):
+    """W as a view: rows of a wider matrix (row stride K + 6: the transposed path reads W
+    in place with that stride at M = 40) and a transposed view (not unit-stride along K: the
+    oneDNN path). Both against float64, the row slice also bit for bit the contiguous W's."""
+    x, w, b, A, B, rw, rb = make_args(M, 130, 70, 8, 2, dtype=torch.bfloat16, seed=4)
+    y_ref, _ = spec_mogu_linear(x, w, b, A, B, rw, rb, 1.5)
+    y_contig, _ = mogu_kernels.mogu_linear(x, w, b, A, B, rw, rb, 1.5, backend="cpp")
+    wide = torch.cat([w, torch.randn(70, 6, generator=torch.Generator().manual_seed(5)).to(w.dtype)], 1)
+    rows_view = wide[:, :130]
+    assert rows_view.stride() == (136, 1)
+    y_rows, _ = mogu_kernels.mogu_linear(x, rows_view, b, A, B, rw, rb, 1.5, backend="cpp")
+    y_t, _ = mogu_kernels.mogu_linear(x, w.t().contiguous().t(), b, A, B, rw, rb, 1.5, backend="cpp")
+    assert torch.equal(y_rows, y_contig)
+    assert rel_err(y_rows, y_ref) < 4e-3 and rel_err(y_t, y_ref) < 4e-3
 
 
 # ----------------------------------------------------------------------------- backward
