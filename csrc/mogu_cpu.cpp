@@ -502,8 +502,8 @@ MOGU_CPU_KERNELS(c10::BFloat16, float)
 //   b+c'', from kTransposedMinRows to kTransposedMaxRows rows where the CPU has AVX512-BF16:
 //       the base product computed transposed by brgemm tiles, each tile's epilogue (gates,
 //       bias, expand, rounding) while it is in L1 (base_and_epilogue_transposed), replacing
-//       oneDNN's product and the pass over y; the base product is then not rounded to bf16
-//       before the epilogue (one rounding of y, as for fp32 output).
+//       oneDNN's product and the pass over y, with the same rounding points (the base
+//       product rounded to bf16, then one rounding of y).
 // The packings (S: (Er + 3E) x K, v split: 3E x K, [B_0 | ..]: N x Er), O((N + K) Er), are
 // kept between calls while their source tensors stay unchanged (packed_operand).
 #if defined(MOGU_HAVE_BRGEMM)
@@ -682,7 +682,7 @@ MOGU_DPBF16_TARGET void expand_combine_bf16(bf16* y, int64_t ldy, const float* t
 // as they lie in memory (A needs no packing) and x^T is the packed operand (M x K, per call:
 // 1 MiB at M = 256, K = 2048, against 8 MiB of W). Each thread takes 64-row blocks of W; per
 // 64-row block of x it gets the fp32 tile C = W_blk x_blk^T (64 x 64, in L1) and writes
-//   y[m][n] = bf16(gs[m] * (C[n][m] + b[n]) + sum_c B[n][c] t[m][c])
+//   y[m][n] = bf16(gs[m] * (bf16(C[n][m]) + b[n]) + sum_c B[n][c] t[m][c])
 // transposed, 32 columns of y (one 64-byte line) per store. Rows of x go in superblocks of
 // kTransposedSuper so that the packed x^T stays in L2 while every block of W passes over it.
 constexpr int64_t kTransposedMinRows = 32;   // below it oneDNN's product + expand_combine_bf16 is faster
@@ -746,7 +746,7 @@ MOGU_DPBF16_TARGET MOGU_ALWAYS_INLINE __m512i to_bf16_x32(__m512 lo, __m512 hi) 
 }
 
 // The epilogue of one (nb x mbp) tile C (C[n][m], row stride mbp) of y^T:
-//   y[m][n] = gs[m] * (C[n][m] + bias[n]) + sum_c Bf[n][c] tT[c][m]
+//   y[m][n] = gs[m] * (bf16(C[n][m]) + bias[n]) + sum_c Bf[n][c] tT[c][m]
 // for n < nb, m < rows; tT (ERp, mbp): t rounded to bf16, held in fp32, zero past rows;
 // Bf (ERp, kTransposedBlock): B's columns in fp32, zero from column nb on (column-major, so
 // that the 16 broadcasts of one c are offsets from one pointer). 16 x 16 blocks in registers (n across the vectors, m
@@ -762,8 +762,16 @@ MOGU_DPBF16_TARGET void transposed_epilogue(const float* C, int64_t mbp, int64_t
         __m512 acc[16];
         for (int a = 0; a < 16; ++a) {
           const int64_t n = i + 16 * h + a;
-          acc[a] = n < nb ? _mm512_mul_ps(g, _mm512_add_ps(_mm512_loadu_ps(C + n * mbp + j), _mm512_set1_ps(bias[n])))
-                          : _mm512_setzero_ps();
+          if (n >= nb) {
+            acc[a] = _mm512_setzero_ps();
+            continue;
+          }
+          // The base product rounded to bf16 first, as oneDNN rounds it on the other paths: a
+          // row's result does not depend on which path its batch size takes (up to the
+          // products' accumulation order).
+          const __m256i base_bits = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(C + n * mbp + j));
+          const __m512 base = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(base_bits), 16));
+          acc[a] = _mm512_mul_ps(g, _mm512_add_ps(base, _mm512_set1_ps(bias[n])));
         }
         for (int64_t c = 0; c < ERp; ++c) {  // constant trip counts: acc stays in registers
           const __m512 tv = _mm512_loadu_ps(tT + c * mbp + j);
