@@ -749,8 +749,8 @@ MOGU_DPBF16_TARGET MOGU_ALWAYS_INLINE __m512i to_bf16_x32(__m512 lo, __m512 hi) 
 //   y[m][n] = gs[m] * (bf16(C[n][m]) + bias[n]) + sum_c Bf[n][c] tT[c][m]
 // for n < nb, m < rows; tT (ERp, mbp): t rounded to bf16, held in fp32, zero past rows;
 // Bf (ERp, kTransposedBlock): B's columns in fp32, zero from column nb on (column-major, so
-// that the 16 broadcasts of one c are offsets from one pointer). 16 x 16 blocks in registers (n across the vectors, m
-// along them), transposed, two blocks per 64-byte store of a row of y.
+// that the 16 broadcasts of one c are offsets from one pointer). 16 x 16 blocks in registers
+// (n across the vectors, m along them), transposed, two blocks per 64-byte store of a row of y.
 MOGU_DPBF16_TARGET void transposed_epilogue(const float* C, int64_t mbp, int64_t nb, int64_t rows, const float* tT,
                                             int64_t ERp, const float* Bf, const float* bias, const float* gs,
                                             bf16* y, int64_t ldy) {
