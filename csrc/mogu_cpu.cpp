@@ -1308,4 +1308,16 @@ std::tuple<Tensor, Tensor, Tensor> mogu_linear_cpu(
   return f.outputs();
 }
 
+const char* cpu_bf16_path() {
+#if defined(MOGU_HAVE_BRGEMM)
+  if (bf16_brgemm_usable()) {
+#if defined(MOGU_HAVE_DPBF16)
+    if (cpu_has_avx512_bf16()) return "brgemm+avx512bf16";
+#endif
+    return "brgemm";
+  }
+#endif
+  return "generic";
+}
+
 }  // namespace mogu

@@ -1,8 +1,9 @@
 // mogu_library.cpp: the ``mogu_C`` torch library (schemas, CPU registrations) and the Python
 // module ``mogu_kernels._C``.
 //
-// The Python module holds two build flags (WITH_CUDA, WITH_OPENMP) and ``mogu_linear``, the
-// op's fast entry for mogu_kernels.extension; importing it runs the static TORCH_LIBRARY
+// The Python module holds two build flags (WITH_CUDA, WITH_OPENMP), ``mogu_linear``, the
+// op's fast entry for mogu_kernels.extension, and ``cpu_bf16_path`` (which bf16 path this
+// CPU takes, for tests and benchmarks); importing it runs the static TORCH_LIBRARY
 // registrations of all sources. Where the kernels
 // live: argument checks and the forwards' shared entry preamble mogu_entry.cpp, CPU forward
 // mogu_cpu.cpp, CUDA forward mogu_cuda.cu, backward (ATen, both devices) mogu_backward.cpp,
@@ -119,19 +120,27 @@ PyObject* fast_mogu_linear(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* cpu_bf16_path(PyObject* /*self*/, PyObject* /*unused*/) {
+  return PyUnicode_FromString(mogu::cpu_bf16_path());
+}
+
 PyMethodDef methods[] = {
     {"mogu_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_mogu_linear)), METH_FASTCALL,
      "mogu_linear(x, weight, bias, lora_A, lora_B, router_weight, router_bias, scaling, base_rows) -> (y, gates) "
      "or NotImplemented: torch.ops.mogu_C.mogu_linear without torch.ops' argument handling"},
+    {"cpu_bf16_path", &cpu_bf16_path, METH_NOARGS,
+     "cpu_bf16_path() -> str: the path of this process's CPU bf16 forward (even K): 'brgemm+avx512bf16', "
+     "'brgemm' or 'generic', by what the CPU has, capped by MOGU_CPU_BF16_PATH"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
 
-// ``import mogu_kernels._C``: the build flags and the fast entry ``mogu_linear`` (no pybind11).
+// ``import mogu_kernels._C``: the build flags, the fast entry ``mogu_linear`` and cpu_bf16_path (no pybind11).
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C",
-      "mogu_C torch ops (see torch.ops.mogu_C); mogu_linear: their fast entry; WITH_CUDA/WITH_OPENMP: build flags",
+      "mogu_C torch ops (see torch.ops.mogu_C); mogu_linear: their fast entry; cpu_bf16_path: the CPU bf16 path; "
+      "WITH_CUDA/WITH_OPENMP: build flags",
       -1, methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;

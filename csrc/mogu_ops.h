@@ -74,6 +74,12 @@ std::tuple<Tensor, Tensor, Tensor> mogu_linear_cpu(
     const Tensor& lora_B, const Tensor& router_weight, const Tensor& router_bias, double scaling,
     const std::optional<Tensor>& base_rows);
 
+// The path this process's CPU bf16 forward takes (for an even K; odd K always takes the
+// generic kernels), read from the CPU once and capped by MOGU_CPU_BF16_PATH:
+// "brgemm+avx512bf16" (oneDNN's bf16 brgemm, which torch offers where the CPU has AMX, plus
+// the AVX512-BF16 kernels), "brgemm" (brgemm only), or "generic" (the kernels every CPU runs).
+const char* cpu_bf16_path();
+
 #ifdef MOGU_WITH_CUDA
 std::tuple<Tensor, Tensor, Tensor> mogu_linear_cuda(
     const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,

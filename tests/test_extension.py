@@ -380,35 +380,50 @@ def test_bf16_packed_operands_follow_the_tensors(M, inference):
         check(stale=out)
 
 
+BF16_PATHS = ["generic", "brgemm", "brgemm+avx512bf16"]  # _C.cpu_bf16_path(), from least to most the CPU has
+
+
 @needs_ext
 @pytest.mark.parametrize("path", ["generic", "brgemm"])
 def test_bf16_paths_of_other_cpus(path):
     """The bf16 forward takes one of three paths by what the CPU has (csrc/mogu_cpu.cpp): the
-    AVX512-BF16 dot kernel plus brgemm (this machine), brgemm alone (CPUs without
-    avx512_bf16), or the generic kernels (no oneDNN brgemm). MOGU_CPU_BF16_PATH caps the
-    path per process, so the bf16 tests above run again here in a subprocess on each of the
-    two paths this machine would not take, against the same float64 spec."""
+    AVX512-BF16 kernels plus oneDNN's brgemm (CPUs with AMX), brgemm alone (AMX without
+    avx512_bf16), or the generic kernels (no bf16 brgemm, e.g. CPUs without AMX).
+    MOGU_CPU_BF16_PATH caps the path per process, so the bf16 tests above run again here in
+    a subprocess on each path below the one this machine takes, against the same float64
+    spec. A cap at or above this machine's own path changes nothing: skipped, not passed."""
     env = dict(os.environ, MOGU_CPU_BF16_PATH=path,
                PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
+    uncapped_env = {k: v for k, v in env.items() if k != "MOGU_CPU_BF16_PATH"}
+    # One bf16 call at a shape every path handles (even K; 64 rows: the transposed tiles on
+    # the top path), and the path the process reports.
+    probe = ("import torch, mogu_kernels, mogu_kernels.extension as ext; g = torch.Generator().manual_seed(0)\n"
+             "r = lambda *s: torch.randn(*s, generator=g)\n"
+             "y, _ = mogu_kernels.mogu_linear(r(64, 2048).bfloat16(), r(2048, 2048).bfloat16(), None,"
+             " r(2, 8, 2048).bfloat16(), r(2, 2048, 8).bfloat16(), r(2, 2048), r(2), 2.0)\n"
+             "print(ext._C.cpu_bf16_path())\n"
+             "print(y.float().double().sum().item(), y.view(torch.int16).long().sum().item())")
+    here = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT,
+                          env=uncapped_env, timeout=300)
+    there = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env,
+                           timeout=300)
+    assert here.returncode == 0 and there.returncode == 0, here.stderr[-2000:] + there.stderr[-2000:]
+    own_path, own_result = here.stdout.split("\n", 1)
+    capped_path, capped_result = there.stdout.split("\n", 1)
+    assert own_path in BF16_PATHS, own_path
+    expected = BF16_PATHS[min(BF16_PATHS.index(path), BF16_PATHS.index(own_path))]
+    assert capped_path == expected, f"MOGU_CPU_BF16_PATH={path} on a {own_path} CPU gave {capped_path}"
+    if capped_path == own_path:
+        pytest.skip(f"this CPU's own bf16 path is {own_path}: the {path} cap changes nothing here")
+    # The cap took effect: the same call rounds differently on the capped path (other
+    # accumulation orders), so the tests below run on it.
+    assert capped_result != own_result, f"MOGU_CPU_BF16_PATH={path} did not change the bf16 result"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                            "test_half_precision_forward_on_cpu and bf16 or test_bf16_router_logits_keep_fp32"
                            " or test_bf16_output_rounds_denormals or test_bf16_error_is_the_rounding_of_y"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-500:]
-    # The cap took effect: the same bf16 call rounds differently on the capped path than on
-    # this process's default one (other accumulation orders), so the tests above ran on it.
-    probe = ("import torch, mogu_kernels; g = torch.Generator().manual_seed(0)\n"
-             "r = lambda *s: torch.randn(*s, generator=g)\n"
-             "y, _ = mogu_kernels.mogu_linear(r(64, 2048).bfloat16(), r(2048, 2048).bfloat16(), None,"
-             " r(2, 8, 2048).bfloat16(), r(2, 2048, 8).bfloat16(), r(2, 2048), r(2), 2.0)\n"
-             "print(y.float().double().sum().item(), y.view(torch.int16).long().sum().item())")
-    here = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT,
-                          env={k: v for k, v in env.items() if k != "MOGU_CPU_BF16_PATH"}, timeout=300)
-    there = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env,
-                           timeout=300)
-    assert here.returncode == 0 and there.returncode == 0, here.stderr[-2000:] + there.stderr[-2000:]
-    assert here.stdout != there.stdout, f"MOGU_CPU_BF16_PATH={path} did not change the bf16 path"
 
 
 @needs_ext
