@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import mogu  # noqa: E402
+from timing import cpu_model  # noqa: E402
 
 IMPLS = ("base", "mogu_exact", "published")
 
@@ -311,7 +312,8 @@ def _run_rows(model_path, prompt_len, new_tokens, device, repeats, mogu_tokens, 
                    device=str(dev), dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
                    model=(f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF}, dequantized)" if model_path == SMOLLM2
                           else model_path or "built-in small Llama (hidden 512, 8 layers, vocab 32000)"),
-                   threads=torch.get_num_threads(), exact_tokens_equal_published=same_tokens)
+                   threads=torch.get_num_threads(), exact_tokens_equal_published=same_tokens,
+                   machine=torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model())
     return rows
 
 
@@ -354,8 +356,9 @@ def main(argv=None) -> int:
                                        args.mogu_tokens, dtype=dtype, threads=threads)
             all_rows += rows
             r = rows[0]
-            print(f"{r['model']} | {r['device']} {r['dtype']} | {r['threads']} threads | prompt {r['prompt_len']}, "
-                  f"{r['new_tokens']} new, m={r['mogu_tokens']} | medians of {r['repeats']}, interleaved | "
+            print(f"{r['model']} | {r['device']} ({r['machine']}) {r['dtype']} | {r['threads']} threads | "
+                  f"prompt {r['prompt_len']}, {r['new_tokens']} new, m={r['mogu_tokens']} | "
+                  f"medians of {r['repeats']}, interleaved | "
                   f"exact == published tokens: {r['exact_tokens_equal_published']}")
             print(format_rows(rows) + "\n", flush=True)
     if args.json:

@@ -35,7 +35,6 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 from typing import Callable, Dict, List
@@ -46,8 +45,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mogu_kernels  # noqa: E402
+from mogu_kernels import extension as mogu_extension  # noqa: E402
 from layer_impls import layer_impls, make_layer_weights  # noqa: E402
-from timing import LoadMonitor, last_level_cache_bytes, spread, time_interleaved  # noqa: E402
+from timing import LoadMonitor, cpu_model, last_level_cache_bytes, spread, time_interleaved  # noqa: E402
 
 CPU_SHAPES = [  # (M, K, N): decode rows, then prefill
     (1, 4096, 4096), (16, 4096, 4096), (1, 2048, 2048), (16, 2048, 2048), (128, 2048, 2048), (512, 2048, 2048),
@@ -78,10 +78,15 @@ def parse_threads(text: str) -> List[int]:
     return values
 
 
-def machine_name(device: str) -> str:
+def machine_name(device: str, dtype: str = "fp32") -> str:
+    """The device and, on CPU, its model, threads and (bf16) the extension's bf16 path, which
+    decides the bf16 timings: oneDNN's brgemm on CPUs with AMX, the generic kernels otherwise."""
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads ({os.cpu_count()} cores)"
+    name = f"{cpu_model()}, {torch.get_num_threads()} threads ({os.cpu_count()} cores)"
+    if dtype == "bf16" and mogu_extension._C is not None:
+        name += f", bf16 path {mogu_extension._C.cpu_bf16_path()}"
+    return name
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -280,7 +285,7 @@ def main(argv=None) -> int:
                 if not (args.device == "cpu" and b == "triton")]   # the interpreter is a test tool: not timed
     thread_counts = args.threads or [torch.get_num_threads()]
     monitor = LoadMonitor(threads=max(thread_counts))
-    machine = machine_name(args.device)
+    machine = machine_name(args.device, args.dtype)
     dtype = DTYPES[args.dtype]
     title = f"MoGU layer, {args.device} ({machine}), torch {torch.__version__}" + (
         f", {args.dtype}" if args.device == "cpu" else "")

@@ -22,12 +22,26 @@ from __future__ import annotations
 import gc
 import math
 import os
+import platform
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 # Other work worth a warning, in cores busy (load average, or CPU time / wall time).
 OTHER_WORK_WARN = 0.3
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows: benchmark
+    headers name the machine their ratios came from."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def last_level_cache_bytes(default: int = 32 << 20) -> int:
