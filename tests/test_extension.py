@@ -416,7 +416,7 @@ def test_bf16_paths_of_other_cpus(path):
     if capped_path == own_path:
         pytest.skip(f"this CPU's own bf16 path is {own_path}: the {path} cap changes nothing here")
     # The cap took effect: the same call rounds differently on the capped path (other
-    # accumulation orders), so the tests below run on it.
+    # accumulation orders), so the subprocess's tests run on it.
     assert capped_result != own_result, f"MOGU_CPU_BF16_PATH={path} did not change the bf16 result"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                            "test_half_precision_forward_on_cpu and bf16 or test_bf16_router_logits_keep_fp32"
