@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import mogu  # noqa: E402
-from timing import cpu_model  # noqa: E402
+from timing import device_model  # noqa: E402
 
 IMPLS = ("base", "mogu_exact", "published")
 
@@ -313,7 +313,7 @@ def _run_rows(model_path, prompt_len, new_tokens, device, repeats, mogu_tokens, 
                    model=(f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF}, dequantized)" if model_path == SMOLLM2
                           else model_path or "built-in small Llama (hidden 512, 8 layers, vocab 32000)"),
                    threads=torch.get_num_threads(), exact_tokens_equal_published=same_tokens,
-                   machine=torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model())
+                   machine=device_model(str(dev)))
     return rows
 
 

@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mogu_kernels  # noqa: E402
 from mogu_kernels import extension as mogu_extension  # noqa: E402
 from layer_impls import layer_impls, make_layer_weights  # noqa: E402
-from timing import LoadMonitor, cpu_model, last_level_cache_bytes, spread, time_interleaved  # noqa: E402
+from timing import LoadMonitor, device_model, last_level_cache_bytes, spread, time_interleaved  # noqa: E402
 
 CPU_SHAPES = [  # (M, K, N): decode rows, then prefill
     (1, 4096, 4096), (16, 4096, 4096), (1, 2048, 2048), (16, 2048, 2048), (128, 2048, 2048), (512, 2048, 2048),
@@ -82,8 +82,8 @@ def machine_name(device: str, dtype: str = "fp32") -> str:
     """The device and, on CPU, its model, threads and (bf16) the extension's bf16 path, which
     decides the bf16 timings: oneDNN's brgemm on CPUs with AMX, the generic kernels otherwise."""
     if device == "cuda":
-        return torch.cuda.get_device_name()
-    name = f"{cpu_model()}, {torch.get_num_threads()} threads ({os.cpu_count()} cores)"
+        return device_model(device)
+    name = f"{device_model()}, {torch.get_num_threads()} threads ({os.cpu_count()} cores)"
     if dtype == "bf16" and mogu_extension._C is not None:
         name += f", bf16 path {mogu_extension._C.cpu_bf16_path()}"
     return name

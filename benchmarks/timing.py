@@ -31,9 +31,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 OTHER_WORK_WARN = 0.3
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows: benchmark
-    headers name the machine their ratios came from."""
+def device_model(device: str = "cpu") -> str:
+    """What benchmark headers name the machine by: the GPU's name for a CUDA device, else the
+    CPU's model (Linux's /proc/cpuinfo, else what ``platform`` knows)."""
+    if str(device).startswith("cuda"):
+        import torch
+        return torch.cuda.get_device_name(device)
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

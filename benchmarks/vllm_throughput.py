@@ -143,7 +143,8 @@ def main() -> None:
     print(f"MoGU / base throughput (best engine of each over {args.rounds} alternating rounds): {ratio:.3f}")
     try:
         import torch
-        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+        from timing import device_model
+        device = device_model("cuda:0" if torch.cuda.is_available() else "cpu")
     except Exception:
         device = "unknown"
     result = {"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "dummy")},
